@@ -1,0 +1,3 @@
+"""fairchem-dens: DeNS (denoising non-equilibrium structures) for fairchem-core 1.x."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,169 @@
+"""Validated DeNS hyper-parameters (the ``optim.dens`` section of a fairchem config).
+
+Names follow the DeNS paper (Liao, Smidt, Das, TMLR 2024): ``prob`` = p_DeNS,
+``corrupt_ratio`` = r_DeNS, ``coefficient`` = lambda_DeNS, ``std`` = a fixed sigma (Angstrom),
+``std_low``/``std_high``/``num_steps`` = the geometric multi-scale schedule of Eq. 7.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+SELECTIONS = ("structure", "batch")
+NORMALIZE_BY = ("sigma", "std_high")
+
+# Keys of the official DeNS code / fairchem's own port; we refuse them rather than guess.
+_LEGACY_KEYS = {
+    "use_denoising_pos": "set optim.dens.prob (0 disables DeNS)",
+    "denoising_pos_params": "move its entries to optim.dens (fixed_noise_std/std -> std, "
+    "std_low/std_high/num_steps unchanged, corrupt_ratio unchanged, prob unchanged)",
+    "denoising_pos_coefficient": "use optim.dens.coefficient",
+}
+
+
+class DeNSConfigError(ValueError):
+    """An invalid ``optim.dens`` entry; the message names the key, the value and the fix."""
+
+
+@dataclass(frozen=True)
+class DeNSConfig:
+    """DeNS hyper-parameters.
+
+    Attributes
+    ----------
+    prob: probability p_DeNS that a structure (or, with ``selection="batch"``, a whole batch)
+        is corrupted and used for denoising. 0 disables DeNS.
+    selection: ``"structure"`` (paper, Algorithm 1: DeNS and plain structures share one
+        forward/backward) or ``"batch"`` (one coin per batch, as the official code does).
+    corrupt_ratio: r_DeNS, probability that an eligible atom of a selected structure is corrupted.
+    std: fixed noise standard deviation sigma in Angstrom (mutually exclusive with ``std_high``).
+    std_low, std_high, num_steps: multi-scale noise; sigma_k = exp(log std_low + (k-1)/(T-1)
+        (log std_high - log std_low)), k = 1..T, one sigma drawn uniformly per structure.
+    normalize_by: noise target is eps/sigma of the structure (``"sigma"``, Eq. 4) or
+        eps/std_high (``"std_high"``, official multi-scale code).
+    all_atoms: also corrupt fixed atoms (``fixed == 1``); default only free atoms.
+    coefficient: lambda_DeNS, weight of the denoising loss.
+    loss_fn: fairchem loss name for the denoising term (``l2mae``, ``mse``, ...); ``None`` uses
+        the loss function configured for the forces target, as the official code does.
+    skip_key: optional per-structure data attribute (e.g. ``md``); structures where it is
+        non-zero are never corrupted.
+    encode_forces: encode the original forces of corrupted atoms (paper default); ``False`` is
+        the "no force encoding" ablation.
+    forces_key: name of the forces target in ``outputs``/``loss_functions``.
+    """
+
+    prob: float = 0.5
+    selection: Literal["structure", "batch"] = "structure"
+    corrupt_ratio: float = 1.0
+    std: float | None = None
+    std_low: float = 0.01
+    std_high: float | None = None
+    num_steps: int = 50
+    normalize_by: Literal["sigma", "std_high"] = "sigma"
+    all_atoms: bool = False
+    coefficient: float = 10.0
+    loss_fn: str | None = None
+    skip_key: str | None = None
+    encode_forces: bool = True
+    forces_key: str = "forces"
+    _sigmas: tuple[float, ...] = field(default=(), repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> DeNSConfigError:
+            return DeNSConfigError(
+                f"optim.dens.{key}={getattr(self, key)!r} is invalid: {why}"
+            )
+
+        for key in ("prob", "corrupt_ratio", "coefficient", "std_low", "num_steps"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise bad(key, "expected a number")
+            if not math.isfinite(value):
+                raise bad(key, "expected a finite number")
+        if not 0.0 <= self.prob <= 1.0:
+            raise bad("prob", "p_DeNS is a probability; use a value in [0, 1]")
+        if not 0.0 < self.corrupt_ratio <= 1.0:
+            raise bad("corrupt_ratio", "r_DeNS must be in (0, 1]; 1.0 corrupts every eligible atom")
+        if self.coefficient < 0:
+            raise bad("coefficient", "lambda_DeNS must be >= 0")
+        if self.selection not in SELECTIONS:
+            raise bad("selection", f"use one of {SELECTIONS}")
+        if self.normalize_by not in NORMALIZE_BY:
+            raise bad("normalize_by", f"use one of {NORMALIZE_BY}")
+        for key in ("all_atoms", "encode_forces"):
+            if not isinstance(getattr(self, key), bool):
+                raise bad(key, "expected true or false")
+        if (self.std is None) == (self.std_high is None):
+            raise DeNSConfigError(
+                f"optim.dens needs exactly one noise setting, got std={self.std!r} and "
+                f"std_high={self.std_high!r}: set std (fixed sigma, Angstrom) or std_high "
+                "(multi-scale, with optional std_low and num_steps)"
+            )
+        if self.std is not None:
+            if not (isinstance(self.std, (int, float)) and self.std > 0 and math.isfinite(self.std)):
+                raise bad("std", "the fixed noise sigma must be a positive number of Angstrom")
+            if self.normalize_by == "std_high":
+                raise bad("normalize_by", "'std_high' needs multi-scale noise; with a fixed std use 'sigma'")
+            sigmas: tuple[float, ...] = (float(self.std),)
+        else:
+            if not (isinstance(self.std_high, (int, float)) and math.isfinite(self.std_high)):
+                raise bad("std_high", "expected a positive number of Angstrom")
+            if not 0 < self.std_low < self.std_high:
+                raise bad("std_low", f"need 0 < std_low < std_high={self.std_high}")
+            if int(self.num_steps) != self.num_steps or self.num_steps < 2:
+                raise bad("num_steps", "the multi-scale schedule needs an integer T >= 2")
+            t = int(self.num_steps)
+            lo, hi = math.log(self.std_low), math.log(self.std_high)
+            sigmas = tuple(math.exp(lo + k / (t - 1) * (hi - lo)) for k in range(t))
+        object.__setattr__(self, "_sigmas", sigmas)
+
+    @property
+    def enabled(self) -> bool:
+        return self.prob > 0
+
+    @property
+    def multi_scale(self) -> bool:
+        return self.std is None
+
+    def sigma_schedule(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Noise scales in Angstrom, shape ``[T]`` (``[1]`` for a fixed std), increasing."""
+        return torch.tensor(self._sigmas, dtype=dtype)
+
+    @property
+    def target_scale(self) -> float | None:
+        """Fixed divisor of the noise target, or ``None`` when it is each structure's sigma."""
+        return float(self.std_high) if self.normalize_by == "std_high" else None
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any] | None) -> DeNSConfig:
+        """Build from the ``optim.dens`` mapping, naming unknown keys and their fix."""
+        cfg = dict(cfg or {})
+        known = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise DeNSConfigError(
+                f"optim.dens has unknown key(s) {unknown}; known keys are {sorted(known)}"
+            )
+        return cls(**cfg)
+
+    @classmethod
+    def from_optim(cls, optim: dict[str, Any]) -> DeNSConfig:
+        """Read ``optim.dens``; refuse the official code's keys with a translation."""
+        legacy = [k for k in _LEGACY_KEYS if k in optim]
+        if legacy:
+            fixes = "; ".join(f"{k}: {_LEGACY_KEYS[k]}" for k in legacy)
+            raise DeNSConfigError(
+                f"optim has the official DeNS key(s) {legacy}, which fairchem-dens does not "
+                f"read (they would be silently ignored). Fix: {fixes}."
+            )
+        if "dens" not in optim:
+            raise DeNSConfigError(
+                "optim.dens is missing: the DenoisingForcesTrainer needs DeNS settings, e.g. "
+                "optim: {dens: {prob: 0.5, std: 0.1, corrupt_ratio: 0.5, coefficient: 10}}"
+            )
+        return cls.from_dict(optim["dens"])

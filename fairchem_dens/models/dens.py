@@ -1,0 +1,100 @@
+"""The DeNS model pieces shared by every SO(3)-embedding backbone (EquiformerV2, eSCN, ...).
+
+A DeNS backbone is a plain fairchem backbone plus a :class:`ForceEncoding` whose output is added
+to the initial SO(3) node embedding of corrupted atoms, hooked (forward pre-hook) onto the first
+module that consumes that embedding. A DeNS noise head is a plain vector head that only runs on
+training batches carrying corruption. At eval/inference neither does anything: the model is the
+plain backbone and heads, with the same outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from fairchem.core.common import gp_utils
+from torch import nn
+
+from fairchem_dens.corruption import DENS_FORCES_KEY, DENS_MASK_KEY
+from fairchem_dens.force_encoding import ForceEncoding
+
+if TYPE_CHECKING:
+    from torch_geometric.data import Batch
+
+
+class DeNSBackboneMixin:
+    """Adds force encoding to a fairchem backbone; put it first in the bases.
+
+    A subclass provides
+
+    * ``dens_seam``: dotted name of the submodule whose first positional argument is the initial
+      SO(3) node embedding (an object with ``.embedding`` of shape ``[N, (lmax+1)^2, C]``);
+    * backbone attributes ``lmax_list`` (one resolution) and ``sphere_channels``;
+    * a call to ``self._init_dens()`` at the end of ``__init__``.
+    """
+
+    dens_seam: ClassVar[str]
+
+    def _init_dens(self) -> None:
+        if len(self.lmax_list) != 1:
+            raise ValueError(
+                f"DeNS force encoding supports one resolution, got lmax_list={self.lmax_list}; "
+                "use a single lmax (e.g. lmax_list: [6])"
+            )
+        # Forked RNG: every plain parameter (backbone and heads built after it) is initialised
+        # exactly as in a plain model with the same seed.
+        with torch.random.fork_rng(devices=[]):
+            self.force_encoding = ForceEncoding(self.lmax_list[0], self.sphere_channels)
+        self._dens_input: tuple[torch.Tensor, torch.Tensor] | None = None
+        seam = self.get_submodule(self.dens_seam)
+        seam.register_forward_pre_hook(self._add_force_encoding, with_kwargs=True)
+
+    def forward(self, data: Batch) -> dict[str, Any]:
+        self._dens_input = None
+        if self.training and DENS_FORCES_KEY in data:
+            if gp_utils.initialized():
+                raise NotImplementedError("DeNS force encoding does not support graph parallelism")
+            self._dens_input = (data[DENS_FORCES_KEY], data[DENS_MASK_KEY])
+        try:
+            return super().forward(data)
+        finally:
+            self._dens_input = None
+
+    def _add_force_encoding(self, module: nn.Module, args: tuple, kwargs: dict):
+        if self._dens_input is None:
+            return None
+        forces, mask = self._dens_input
+        self._dens_input = None  # encode once per forward, even if the seam were called again
+        x = copy.copy(args[0])  # shallow: the caller's embedding object is left untouched
+        x.embedding = args[0].embedding + self.force_encoding(
+            forces.to(x.embedding.dtype), mask
+        )
+        return (x, *args[1:]), kwargs
+
+
+class DeNSNoiseHeadMixin:
+    """Turns a vector head into the DeNS noise head: computed only on corrupted training batches.
+
+    Put it first in the bases of a head whose ``forward(data, emb)`` returns ``{name: [N, 3]}``.
+    """
+
+    def forward(self, data: Batch, emb: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if not (self.training and DENS_MASK_KEY in data):
+            return {}
+        return super().forward(data, emb)
+
+
+def dens_only_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters that exist only for DeNS (force encoding and noise heads) in ``model``."""
+    params: list[nn.Parameter] = []
+    for module in model.modules():
+        if isinstance(module, (ForceEncoding, DeNSNoiseHeadMixin)):
+            params.extend(p for p in module.parameters() if p.requires_grad)
+    return params
+
+
+def noise_head_names(model: nn.Module) -> list[str]:
+    """Names of the DeNS noise heads of a fairchem ``HydraModel``."""
+    heads = getattr(model, "output_heads", {})
+    return [name for name, head in heads.items() if isinstance(head, DeNSNoiseHeadMixin)]

@@ -1,0 +1,255 @@
+"""``DenoisingForcesTrainer``: fairchem's EquiformerV2 forces trainer plus DeNS.
+
+Use it from a fairchem config by dotted path::
+
+    trainer: fairchem_dens.trainer.DenoisingForcesTrainer
+    optim:
+      dens: {prob: 0.5, std: 0.1, corrupt_ratio: 0.5, coefficient: 10}
+
+Only four narrow methods change; the training loop, EMA, LR schedule, AMP, clipping,
+checkpointing, validation and prediction are fairchem's own:
+
+* ``_forward``: on a training step, corrupt a copy of the batch (:mod:`fairchem_dens.corruption`)
+  and attach the normalised forces of corrupted atoms for the force encoding.
+* ``_compute_loss``: fairchem's energy and force terms with corrupted atoms treated like fixed
+  atoms (so forces are trained only on uncorrupted free atoms), plus
+  ``coefficient * L_DeNS`` on corrupted atoms. Total::
+
+      lambda_E L_E(all structures) + lambda_F L_F(uncorrupted free atoms)
+          + lambda_DeNS L_DeNS(corrupted atoms)
+
+  each term reduced once, over all ranks, by fairchem's ``DDPLoss`` rule (sum / global count).
+* ``_compute_metrics``: S2EF metrics on uncorrupted atoms plus ``denoising_*`` on corrupted ones.
+* ``load_loss``: swaps ``DDPLoss`` for :class:`ZeroSafeDDPLoss` (finite when a term is empty).
+
+Validation, prediction and relaxations run the model in eval mode and never see corruption.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Any
+
+import torch
+from fairchem.core.common import distutils
+from fairchem.core.models.equiformer_v2.trainers.forces_trainer import (
+    EquiformerV2ForcesTrainer,
+)
+
+from fairchem_dens.config import DeNSConfig, DeNSConfigError
+from fairchem_dens.corruption import (
+    DENS_FORCES_KEY,
+    DENS_MASK_KEY,
+    Corruption,
+    sample_corruption,
+    step_generator,
+)
+from fairchem_dens.loss import ZeroSafeDDPLoss, denoising_metrics
+from fairchem_dens.models.dens import DeNSBackboneMixin, dens_only_parameters, noise_head_names
+
+NOISE_PRED_KEY = "dens_noise"  # key of the noise prediction added to the trainer's outputs
+
+
+class DenoisingForcesTrainer(EquiformerV2ForcesTrainer):
+    """S2EF trainer with DeNS as an auxiliary task (settings in ``optim.dens``, see
+    :class:`~fairchem_dens.config.DeNSConfig`). Runs under the ``s2ef`` task name, so predictions
+    are written as ``s2ef_predictions.npz``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["name"] = "s2ef"
+        optim = kwargs.get("optimizer", {})
+        if "dens" in optim or not kwargs.get("inference_only", False):
+            self.dens: DeNSConfig | None = DeNSConfig.from_optim(optim)
+        else:
+            self.dens = None  # inference from a config without DeNS settings
+        self._dens_step: Corruption | None = None
+        self._training_step = False
+        self._noise_head: str | None = None
+        self._dens_params: list[torch.nn.Parameter] = []
+        super().__init__(*args, **kwargs)
+        seed = self.config["cmd"].get("seed")
+        self._set_dens_seed(int(seed) if seed is not None else 0)
+        if self.dens is not None and not kwargs.get("inference_only", False):
+            self._check_dens_setup()
+
+    # ---------------------------------------------------------------- set-up
+    def _set_dens_seed(self, seed: int) -> None:
+        """The corruption stream of step s on rank r is drawn from SeedSequence([seed, s, r]);
+        stored in the config, hence in every checkpoint, so a resume continues the stream."""
+        self.dens_seed = seed
+        self.config["dens_rng"] = {"seed": seed, "stream": "SeedSequence([seed, step, rank])"}
+
+    def load_checkpoint(self, checkpoint_path: str, checkpoint: dict | None = None,
+                        inference_only: bool = False) -> None:
+        if checkpoint is None and os.path.isfile(checkpoint_path):
+            map_location = torch.device("cpu") if self.cpu else self.device
+            checkpoint = torch.load(checkpoint_path, map_location=map_location)
+        super().load_checkpoint(checkpoint_path, checkpoint, inference_only)
+        saved = (checkpoint.get("config") or {}).get("dens_rng")
+        if saved and not inference_only and saved["seed"] != self.dens_seed:
+            logging.info(f"DeNS: continuing the corruption stream of seed {saved['seed']} "
+                         f"from the checkpoint (config seed {self.dens_seed})")
+            self._set_dens_seed(int(saved["seed"]))
+
+    def _check_dens_setup(self) -> None:
+        dens, key = self.dens, self.dens.forces_key
+        if key not in self.output_targets:
+            raise DeNSConfigError(
+                f"optim.dens.forces_key={key!r} is not an output target; outputs has "
+                f"{sorted(self.output_targets)}. Set forces_key to the forces target's name."
+            )
+        if self.output_targets[key].get("train_on_free_atoms") is not True:
+            raise DeNSConfigError(
+                f"outputs.{key}.train_on_free_atoms must be true with DeNS: corrupted atoms are "
+                "left out of the forces loss through the free-atom mask (on data without fixed "
+                f"atoms this changes nothing). Set outputs.{key}.train_on_free_atoms: true."
+            )
+        model = self._unwrapped_model
+        heads = noise_head_names(model)
+        if dens.enabled and len(heads) != 1:
+            raise DeNSConfigError(
+                f"DeNS (optim.dens.prob={dens.prob}) needs exactly one noise head in model.heads, "
+                f"found {heads}: add e.g. `noise: {{module: "
+                "fairchem_dens.models.equiformer_v2.DeNSEquiformerV2NoiseHead}`"
+            )
+        if dens.enabled and dens.encode_forces and not isinstance(
+            getattr(model, "backbone", None), DeNSBackboneMixin
+        ):
+            raise DeNSConfigError(
+                "optim.dens.encode_forces is true but model.backbone has no force encoding: use a "
+                "DeNS backbone (e.g. fairchem_dens.models.equiformer_v2.DeNSEquiformerV2Backbone) "
+                "or set optim.dens.encode_forces: false"
+            )
+        self._noise_head = heads[0] if heads else None
+        self._dens_params = dens_only_parameters(model)
+        logging.info(
+            f"DeNS: {dens}; noise head '{self._noise_head}', "
+            f"{sum(p.numel() for p in self._dens_params)} DeNS-only parameters"
+        )
+
+    def load_loss(self) -> None:
+        super().load_loss()
+        specs = [spec for entry in self.config["loss_functions"] for spec in entry.values()]
+        self.loss_functions = [
+            (target, {**info, "fn": ZeroSafeDDPLoss(spec["fn"], spec.get("reduction"))})
+            for (target, info), spec in zip(self.loss_functions, specs)
+        ]
+        if self.dens is None:
+            return
+        forces_spec = {t: s for e in self.config["loss_functions"] for t, s in e.items()}.get(
+            self.dens.forces_key
+        )
+        loss_name = self.dens.loss_fn or (forces_spec or {}).get("fn")
+        if loss_name is None:
+            raise DeNSConfigError(
+                f"optim.dens.loss_fn is unset and loss_functions has no '{self.dens.forces_key}' "
+                "entry to copy it from: set optim.dens.loss_fn (e.g. l2mae)"
+            )
+        self.dens_loss_fn = ZeroSafeDDPLoss(loss_name, "mean")
+
+    # ---------------------------------------------------------------- one step
+    def _forward(self, batch):
+        self._training_step = self.dens is not None and self._unwrapped_model.training
+        self._dens_step = None
+        if not (self._training_step and self.dens.enabled):
+            return super()._forward(batch)
+
+        step = self._sample(batch)
+        batch = batch.to(self.device)  # in place, as fairchem's _forward does
+        self._dens_step = step.to(self.device)
+        if step.num_corrupted == 0:
+            return super()._forward(batch)
+
+        captured: dict[str, Any] = {}
+        hook = self._unwrapped_model.register_forward_hook(
+            lambda _module, _args, output: captured.update(output)
+        )
+        try:
+            out = super()._forward(self._corrupted_copy(batch, self._dens_step))
+        finally:
+            hook.remove()
+        head_out = captured.get(self._noise_head, captured)
+        noise_name = self._unwrapped_model.output_heads[self._noise_head].output_name
+        out[NOISE_PRED_KEY] = head_out[noise_name]
+        return out
+
+    def _sample(self, batch) -> Corruption:
+        dens = self.dens
+        if dens.forces_key not in batch:
+            raise DeNSConfigError(
+                f"DeNS needs per-atom forces in the training data under '{dens.forces_key}', but "
+                f"the batch has {sorted(batch.keys())}. If your LMDB stores them under another "
+                f"name (old OC20 LMDBs use 'force'), add dataset.train.key_mapping: "
+                f"{{force: {dens.forces_key}}}."
+            )
+        skip = None
+        if dens.skip_key is not None:
+            if dens.skip_key not in batch:
+                raise DeNSConfigError(
+                    f"optim.dens.skip_key={dens.skip_key!r} but the training data has no such "
+                    f"attribute (batch keys: {sorted(batch.keys())}); mark the structures in the "
+                    "data or remove skip_key"
+                )
+            skip = batch[dens.skip_key]
+        generator = step_generator(self.dens_seed, self.step, distutils.get_rank())
+        return sample_corruption(
+            dens,
+            batch.natoms,
+            batch.fixed if "fixed" in batch else None,
+            generator,
+            skip=skip,
+            dtype=batch.pos.dtype,
+        )
+
+    def _corrupted_copy(self, batch, step: Corruption):
+        """Shallow copy of ``batch`` with noisy positions and the force-encoding inputs."""
+        noisy = copy.copy(batch)
+        noisy.pos = batch.pos + step.noise
+        noisy[DENS_MASK_KEY] = step.mask
+        if self.dens.encode_forces:
+            forces = batch[self.dens.forces_key]
+            if self.dens.forces_key in self.normalizers:
+                forces = self.normalizers[self.dens.forces_key].norm(forces)
+            noisy[DENS_FORCES_KEY] = forces
+        return noisy
+
+    def _uncorrupted_view(self, batch, step: Corruption | None):
+        """``batch`` with corrupted atoms flagged as fixed, so fairchem's free-atom masks skip
+        them in the forces loss and metrics."""
+        if step is None or step.num_corrupted == 0:
+            return batch
+        view = copy.copy(batch)
+        view.fixed = (batch.fixed.bool() | step.mask).to(batch.fixed.dtype)
+        return view
+
+    def _compute_loss(self, out, batch) -> torch.Tensor:
+        if not self._training_step:
+            return super()._compute_loss(out, batch)
+        step = self._dens_step
+        loss = super()._compute_loss(out, self._uncorrupted_view(batch, step))
+        # Zero-valued link to every DeNS-only parameter: DDP sees them used on every rank even
+        # when this rank's batch has no corrupted atom (or DeNS is off), and gradients are exact.
+        loss = loss + 0.0 * sum(p.sum() for p in self._dens_params)
+        if step is None:  # DeNS disabled (prob = 0): plain training
+            return loss
+        if step.num_corrupted > 0:
+            pred, target = out[NOISE_PRED_KEY][step.mask], step.target[step.mask]
+        else:
+            pred = target = batch.pos.new_zeros((0, 3))
+        denoising = self.dens_loss_fn(pred, target, natoms=batch.natoms)
+        return loss + self.dens.coefficient * denoising
+
+    def _compute_metrics(self, out, batch, evaluator, metrics=None):
+        step = self._dens_step if self._training_step else None
+        if step is None or step.num_corrupted == 0:
+            return super()._compute_metrics(out, batch, evaluator, metrics)
+        plain_out = {k: v for k, v in out.items() if k != NOISE_PRED_KEY}
+        metrics = super()._compute_metrics(
+            plain_out, self._uncorrupted_view(batch, step), evaluator, metrics
+        )
+        stats = denoising_metrics(out[NOISE_PRED_KEY][step.mask], step.target[step.mask])
+        for name, stat in stats.items():
+            metrics = evaluator.update(name, stat, metrics)
+        return metrics

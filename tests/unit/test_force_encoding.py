@@ -1,0 +1,51 @@
+"""Force encoding (Eq. 5): masking, zero forces, rotation equivariance with e3nn's Wigner D."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from e3nn import o3
+
+from fairchem_dens.force_encoding import ForceEncoding
+from tests.equivariance import assert_invariant, random_rotation
+
+
+@pytest.fixture
+def encoding() -> ForceEncoding:
+    torch.manual_seed(0)
+    enc = ForceEncoding(lmax=4, channels=8)
+    with torch.no_grad():
+        enc.linear.bias.normal_()  # a non-zero l = 0 bias must still be masked away
+    return enc
+
+
+def test_shape_and_mask_give_exact_zeros(encoding) -> None:
+    f = torch.randn(6, 3)
+    mask = torch.tensor([1, 0, 1, 0, 0, 1], dtype=torch.bool)
+    out = encoding(f, mask)
+    assert out.shape == (6, 25, 8)
+    assert torch.count_nonzero(out[~mask]) == 0
+    assert torch.count_nonzero(out[mask]) > 0
+
+
+def test_zero_force_encodes_to_the_l0_bias_only_without_nan(encoding) -> None:
+    out = encoding(torch.zeros(3, 3), torch.ones(3, dtype=torch.bool))
+    assert torch.isfinite(out).all()
+    bias_only = torch.zeros(3, 25, 8)
+    bias_only[:, 0, :] = encoding.linear.bias.detach()
+    assert torch.allclose(out, bias_only)  # |f| Y(f/|f|) = 0, only the l = 0 bias remains
+
+
+def test_encoding_scales_with_force_magnitude(encoding) -> None:
+    f, mask = torch.randn(4, 3), torch.ones(4, dtype=torch.bool)
+    bias = torch.zeros(1, 25, 8)
+    bias[:, 0, :] = encoding.linear.bias.detach()
+    assert torch.allclose(encoding(2 * f, mask) - bias, 2 * (encoding(f, mask) - bias), atol=1e-5)
+
+
+def test_rotating_forces_rotates_each_degree_by_its_wigner_matrix(encoding) -> None:
+    f, mask = torch.randn(5, 3), torch.ones(5, dtype=torch.bool)
+    rot = random_rotation(3, torch.float32)
+    d = o3.Irreps.spherical_harmonics(4).D_from_matrix(rot)  # [25, 25]
+    out, out_rot = encoding(f, mask), encoding(f @ rot.T, mask)
+    assert_invariant(out_rot, torch.einsum("ij,njc->nic", d, out))

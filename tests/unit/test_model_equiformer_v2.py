@@ -1,0 +1,120 @@
+"""DeNS EquiformerV2: force encoding, noise head, eval equality with fairchem's plain model,
+rotation equivariance, RNG-neutral construction."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from fairchem.core.models.base import HydraModel
+
+from fairchem_dens.corruption import DENS_FORCES_KEY, DENS_MASK_KEY
+from fairchem_dens.models.dens import dens_only_parameters
+from tests.equivariance import assert_invariant, assert_rotates, random_rotation
+
+DENS_BACKBONE = "fairchem_dens.models.equiformer_v2.DeNSEquiformerV2Backbone"
+NOISE_HEAD = "fairchem_dens.models.equiformer_v2.DeNSEquiformerV2NoiseHead"
+HEADS = {
+    "energy": {"module": "equiformerV2_scalar_head"},
+    "forces": {"module": "equiformerV2_vector_head"},
+}
+
+
+def build(backbone_name: str, kwargs: dict, noise: bool, seed: int = 0) -> HydraModel:
+    torch.manual_seed(seed)
+    heads = dict(copy.deepcopy(HEADS))
+    if noise:
+        heads["denoise"] = {"module": NOISE_HEAD}  # sorts first: its init must not shift RNG
+    return HydraModel(backbone={"model": backbone_name, **kwargs}, heads=heads,
+                      pass_through_head_outputs=True)
+
+
+def with_dens_fields(batch, mask: torch.Tensor, forces: torch.Tensor | None = None):
+    b = copy.copy(batch)
+    b[DENS_MASK_KEY] = mask
+    b[DENS_FORCES_KEY] = batch.forces if forces is None else forces
+    return b
+
+
+def test_plain_weights_are_initialised_exactly_as_in_a_plain_model(tiny_eqv2) -> None:
+    plain = build("equiformer_v2_backbone", tiny_eqv2, noise=False)
+    dens = build(DENS_BACKBONE, tiny_eqv2, noise=True)
+    dens_state = dens.state_dict()
+    for key, value in plain.state_dict().items():
+        assert torch.equal(dens_state[key], value), key
+    extra = set(dens_state) - set(plain.state_dict())
+    assert extra and all(k.startswith(("backbone.force_encoding.", "output_heads.denoise."))
+                         for k in extra)
+
+
+def test_eval_outputs_equal_plain_equiformer_v2_with_same_weights(tiny_eqv2, oc20_batch) -> None:
+    plain = build("equiformer_v2_backbone", tiny_eqv2, noise=False, seed=1).eval()
+    dens = build(DENS_BACKBONE, tiny_eqv2, noise=True, seed=2).eval()
+    result = dens.load_state_dict(plain.state_dict(), strict=False)
+    assert not result.unexpected_keys
+    assert all(k.startswith(("backbone.force_encoding.", "output_heads.denoise."))
+               for k in result.missing_keys)
+    calls = []
+    dens.output_heads["denoise"].force_block.register_forward_hook(lambda *a: calls.append(1))
+    mask = torch.ones(oc20_batch.natoms.sum(), dtype=torch.bool)
+    for batch in (oc20_batch, with_dens_fields(oc20_batch, mask)):  # fields ignored in eval
+        ref, out = plain(copy.copy(batch)), dens(copy.copy(batch))
+        assert set(out) == {"energy", "forces"}
+        assert torch.equal(out["energy"], ref["energy"])
+        assert torch.equal(out["forces"], ref["forces"])
+    assert calls == []  # the noise block never ran
+
+
+def test_force_encoding_changes_training_outputs_only_through_corrupted_atoms(
+    tiny_eqv2, oc20_batch
+) -> None:
+    dens = build(DENS_BACKBONE, tiny_eqv2, noise=True).train()
+    n = int(oc20_batch.natoms.sum())
+    none = torch.zeros(n, dtype=torch.bool)
+    base = dens(with_dens_fields(oc20_batch, none))
+    assert base["noise"].shape == (n, 3)
+    # no corrupted atom: identical to a forward without DeNS fields (minus the noise head)
+    plain_path = dens(copy.copy(oc20_batch))
+    assert torch.equal(base["forces"], plain_path["forces"])
+    assert "noise" not in plain_path
+    some = torch.zeros(n, dtype=torch.bool)
+    some[-5:] = True
+    enc = dens(with_dens_fields(oc20_batch, some))
+    assert not torch.allclose(enc["forces"], base["forces"])
+    # encoding a different force on an uncorrupted atom changes nothing
+    f = oc20_batch.forces.clone()
+    f[0] += 3.0
+    assert torch.equal(dens(with_dens_fields(oc20_batch, some, f))["forces"], enc["forces"])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rotation_equivariance_of_energy_forces_and_noise(tiny_eqv2, oc20_batch, seed) -> None:
+    dens = build(DENS_BACKBONE, tiny_eqv2, noise=True).train()
+    rot = random_rotation(seed, torch.float32)
+    n = int(oc20_batch.natoms.sum())
+    mask = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
+    batch = with_dens_fields(oc20_batch, mask)
+    rotated = copy.copy(batch)
+    rotated.pos = batch.pos @ rot.T
+    rotated.cell = batch.cell @ rot.T
+    rotated[DENS_FORCES_KEY] = batch[DENS_FORCES_KEY] @ rot.T
+    out, out_rot = dens(batch), dens(rotated)
+    assert_invariant(out_rot["energy"], out["energy"])
+    assert_rotates(out_rot["forces"], out["forces"], rot)
+    assert_rotates(out_rot["noise"], out["noise"], rot)
+
+
+def test_dens_only_parameters_are_force_encoding_and_noise_head(tiny_eqv2) -> None:
+    dens = build(DENS_BACKBONE, tiny_eqv2, noise=True)
+    names = {id(p): n for n, p in dens.named_parameters()}
+    got = {names[id(p)] for p in dens_only_parameters(dens)}
+    expected = {n for n in names.values()
+                if n.startswith(("backbone.force_encoding.", "output_heads.denoise."))}
+    assert got == expected and got
+
+
+def test_multi_resolution_is_refused_clearly(tiny_eqv2) -> None:
+    kwargs = {**tiny_eqv2, "lmax_list": [2, 3], "mmax_list": [2, 2]}
+    with pytest.raises(ValueError, match="lmax_list=\\[2, 3\\]"):
+        build(DENS_BACKBONE, kwargs, noise=True)
