@@ -58,7 +58,7 @@ def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
     uninterrupted run drew, and gives every DDP rank its own stream.
     """
     state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step), int(rank)])
-    return torch.Generator().manual_seed(int(state.generate_state(1, np.uint64)[0] >> 1))
+    return torch.Generator().manual_seed(int(state.generate_state(1, np.uint64)[0]) >> 1)
 
 
 def sample_corruption(

@@ -170,9 +170,9 @@ class DenoisingForcesTrainer(EquiformerV2ForcesTrainer):
             out = super()._forward(self._corrupted_copy(batch, self._dens_step))
         finally:
             hook.remove()
-        head_out = captured.get(self._noise_head, captured)
-        noise_name = self._unwrapped_model.output_heads[self._noise_head].output_name
-        out[NOISE_PRED_KEY] = head_out[noise_name]
+        model = self._unwrapped_model
+        head_out = captured if model.pass_through_head_outputs else captured[self._noise_head]
+        out[NOISE_PRED_KEY] = head_out[model.output_heads[self._noise_head].output_name]
         return out
 
     def _sample(self, batch) -> Corruption:

@@ -42,7 +42,8 @@ pip_q=(--disable-pip-version-check --progress-bar off)
 
 if [ -f "$venv/.complete" ]; then
   say "reusing cached environment $venv"
-  "$venv/bin/pip" install "${pip_q[@]}" -q --no-deps --no-build-isolation -e "$repo" >&2
+  "$venv/bin/pip" install "${pip_q[@]}" -q --no-deps --no-build-isolation -e "$repo" >/dev/null 2>&1 \
+    || "$venv/bin/pip" install "${pip_q[@]}" --no-deps --no-build-isolation -e "$repo" >&2
   echo "$venv"
   exit 0
 fi

@@ -30,7 +30,7 @@ TINY_EQV2 = {
     "norm_type": "layer_norm_sh",
     "lmax_list": [3],
     "mmax_list": [2],
-    "grid_resolution": 12,
+    "grid_resolution": 24,  # fine S2 grid: EqV2 is equivariant up to grid error
     "num_sphere_samples": 32,
     "edge_channels": 16,
     "alpha_drop": 0.0,
@@ -67,6 +67,14 @@ def atoms_to_batch(frames) -> object:
         d.sid, d.fid = i, 0
         data.append(d)
     return data_list_collater(data, otf_graph=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fairchem_registry() -> None:
+    """Register fairchem's models/trainers by name, as its CLI does at start-up."""
+    from fairchem.core.common.utils import setup_imports
+
+    setup_imports()
 
 
 @pytest.fixture

@@ -61,9 +61,8 @@ def fixed_mask(atoms: Atoms) -> np.ndarray:
     """
     mask = np.zeros(len(atoms), dtype=np.int64)
     for constraint in atoms.constraints:
-        if isinstance(constraint, FixAtoms):
-            mask[constraint.index] = 1
-        elif isinstance(constraint, FixCartesian) and np.all(constraint.mask):
+        fixes_xyz = isinstance(constraint, FixCartesian) and np.all(constraint.mask)
+        if isinstance(constraint, FixAtoms) or fixes_xyz:
             mask[constraint.index] = 1
     return mask
 
@@ -121,9 +120,7 @@ def _read_forces(atoms: Atoms, key: str | None, where: str) -> np.ndarray:
 
 def _check_finite(name: str, values: np.ndarray | float, where: str) -> None:
     if not np.all(np.isfinite(values)):
-        raise ConversionError(
-            f"{where}: {name} contain NaN or inf; remove or fix this frame"
-        )
+        raise ConversionError(f"{where}: {name} contain NaN or inf; remove or fix this frame")
 
 
 def _molecule_box(positions: np.ndarray, padding: float) -> tuple[np.ndarray, np.ndarray]:
@@ -134,9 +131,7 @@ def _molecule_box(positions: np.ndarray, padding: float) -> tuple[np.ndarray, np
     return positions - center + edge / 2, np.eye(3) * edge
 
 
-def frame_record(
-    atoms: Atoms, path: Path, fid: int, options: ConversionOptions
-) -> FrameRecord:
+def frame_record(atoms: Atoms, path: Path, fid: int, options: ConversionOptions) -> FrameRecord:
     """Validate one frame and return its arrays in eV / Å.
 
     Raises
@@ -206,9 +201,7 @@ def build_data(record: FrameRecord, sid: int, fid: int) -> Data:
         tags=record.tags,
     )
     atoms.calc = SinglePointCalculator(atoms, energy=record.energy, forces=record.forces)
-    converter = AtomsToGraphs(
-        r_edges=False, r_energy=True, r_forces=True, r_fixed=True, r_pbc=True
-    )
+    converter = AtomsToGraphs(r_edges=False, r_energy=True, r_forces=True, r_fixed=True, r_pbc=True)
     data = converter.convert(atoms, sid=int(sid))
     data.atomic_numbers = data.atomic_numbers.float()
     data.pbc = data.pbc.view(1, 3)

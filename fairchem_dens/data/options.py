@@ -154,13 +154,9 @@ class ConversionOptions:
         if len(self.split) != 3 or any(
             not math.isfinite(value) or value < 0 for value in self.split
         ):
-            raise ConversionError(
-                f"split fractions {self.split} must be three finite numbers >= 0"
-            )
+            raise ConversionError(f"split fractions {self.split} must be three finite numbers >= 0")
         if abs(sum(self.split) - 1.0) > 1e-6:
-            raise ConversionError(
-                f"split fractions {self.split} sum to {sum(self.split):g}, not 1"
-            )
+            raise ConversionError(f"split fractions {self.split} sum to {sum(self.split):g}, not 1")
         if self.split[0] <= 0:
             raise ConversionError("the train fraction must be > 0")
         if int(self.stride) != self.stride or self.stride < 1:

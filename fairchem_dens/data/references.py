@@ -1,6 +1,6 @@
 """Per-element linear energy references and normaliser statistics of the train split.
 
-OC20-style trajectories carry *total* DFT energies (−50 to −1200 eV), dominated by the
+OC20-style trajectories carry *total* DFT energies (-50 to -1200 eV), dominated by the
 composition. A linear model ``E ≈ Σ_Z n_Z · e_Z`` (least squares over the train frames,
 exactly like fairchem's ``fit_linear_references``: ``numpy.linalg.lstsq`` restricted to
 elements present, minimum-norm when rank deficient) is subtracted before training.
@@ -47,23 +47,31 @@ FORCES_NORMALIZER_FILE = "forces_normalizer.npz"
 NUM_ELEMENT_SLOTS = 119
 
 
-def fit_element_references(compositions: np.ndarray, energies: np.ndarray) -> np.ndarray:
+def fit_element_references(
+    compositions: np.ndarray, energies: np.ndarray, weights: np.ndarray | None = None
+) -> np.ndarray:
     """Least-squares per-element energies.
 
     Parameters
     ----------
     compositions : ndarray, shape (F, 119)
-        Atom count of each atomic number in each frame.
+        Atom count of each atomic number in each row.
     energies : ndarray, shape (F,)
         Total energies, eV.
+    weights : ndarray, shape (F,), optional
+        Number of frames each row stands for (rows = unique compositions with their mean
+        energy give the same solution as the full per-frame system).
 
     Returns
     -------
     ndarray, shape (119,), float64
         eV per atom; 0 for elements that never occur.
     """
+    scale = np.ones(len(energies)) if weights is None else np.sqrt(weights)
     present = compositions.sum(axis=0) != 0
-    solution = np.linalg.lstsq(compositions[:, present], energies, rcond=None)[0]
+    solution = np.linalg.lstsq(
+        compositions[:, present] * scale[:, None], energies * scale, rcond=None
+    )[0]
     references = np.zeros(NUM_ELEMENT_SLOTS, dtype=np.float64)
     references[present] = solution
     return references
@@ -71,16 +79,27 @@ def fit_element_references(compositions: np.ndarray, energies: np.ndarray) -> np
 
 @dataclass
 class TrainStatistics:
-    """Running record of what the references and normalisers are fitted on."""
+    """Running record of the train frames the references and normalisers are fitted on.
 
-    compositions: list[np.ndarray] = field(default_factory=list)
+    Memory grows with the number of *distinct* compositions, not frames: a frame costs
+    one energy and one composition index.
+    """
+
+    unique_compositions: list[np.ndarray] = field(default_factory=list)
+    composition_of_frame: list[int] = field(default_factory=list)
     energies: list[float] = field(default_factory=list)
     force_square_sum: float = 0.0
     num_atoms: int = 0
+    _index: dict[bytes, int] = field(default_factory=dict, repr=False)
 
     def add(self, atomic_numbers: np.ndarray, energy: float, forces: np.ndarray) -> None:
         """Record one frame (atomic numbers [N], energy in eV, forces [N, 3] eV/Å)."""
-        self.compositions.append(np.bincount(atomic_numbers, minlength=NUM_ELEMENT_SLOTS))
+        counts = np.bincount(atomic_numbers, minlength=NUM_ELEMENT_SLOTS)
+        key = counts.tobytes()
+        if key not in self._index:
+            self._index[key] = len(self.unique_compositions)
+            self.unique_compositions.append(counts)
+        self.composition_of_frame.append(self._index[key])
         self.energies.append(float(energy))
         self.force_square_sum += float(np.square(forces).sum())
         self.num_atoms += len(atomic_numbers)
@@ -97,10 +116,13 @@ class TrainStatistics:
         """
         if not self.energies:
             raise ValueError("no train frames recorded")
-        compositions = np.stack(self.compositions).astype(np.float64)
+        unique = np.stack(self.unique_compositions).astype(np.float64)
+        row = np.asarray(self.composition_of_frame)
         energies = np.asarray(self.energies)
-        references = fit_element_references(compositions, energies)
-        residual = energies - compositions @ references
+        counts = np.bincount(row, minlength=len(unique)).astype(np.float64)
+        mean_energies = np.bincount(row, weights=energies, minlength=len(unique)) / counts
+        references = fit_element_references(unique, mean_energies, weights=counts)
+        residual = energies - (unique @ references)[row]
         ddof = 1 if len(residual) > 1 else 0
         return {
             "element_references": references,
@@ -110,23 +132,21 @@ class TrainStatistics:
             "raw_energy_std": float(energies.std(ddof=ddof)),
             "residual_energy_mae": float(np.abs(residual - residual.mean()).mean()),
             "num_frames": len(energies),
+            "num_compositions": len(unique),
         }
 
 
-def write_reference_files(fit: dict[str, object], directory: Path) -> dict[str, Path]:
+def write_reference_files(fit: dict[str, object], paths: dict[str, Path]) -> None:
     """Write the three ``.npz`` files described in the module docstring.
 
-    Returns
-    -------
-    dict
-        File role (``element_references``, ``energy_normalizer``,
-        ``forces_normalizer``) → written path.
+    Parameters
+    ----------
+    fit
+        Output of :meth:`TrainStatistics.fit`.
+    paths
+        Target path (ending in ``.npz``) for each role: ``element_references``,
+        ``energy_normalizer``, ``forces_normalizer``.
     """
-    paths = {
-        "element_references": directory / ELEMENT_REFERENCES_FILE,
-        "energy_normalizer": directory / ENERGY_NORMALIZER_FILE,
-        "forces_normalizer": directory / FORCES_NORMALIZER_FILE,
-    }
     np.savez(paths["element_references"], element_references=fit["element_references"])
     np.savez(
         paths["energy_normalizer"],
@@ -138,7 +158,6 @@ def write_reference_files(fit: dict[str, object], directory: Path) -> dict[str, 
         mean=np.float32(0.0),
         rmsd=np.float32(fit["forces_rmsd"]),
     )
-    return paths
 
 
 def config_snippet(out_dir: Path, splits: list[str]) -> str:

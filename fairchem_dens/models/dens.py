@@ -76,8 +76,16 @@ class DeNSBackboneMixin:
 class DeNSNoiseHeadMixin:
     """Turns a vector head into the DeNS noise head: computed only on corrupted training batches.
 
-    Put it first in the bases of a head whose ``forward(data, emb)`` returns ``{name: [N, 3]}``.
+    Put it first in the bases of a head whose ``forward(data, emb)`` returns ``{name: [N, 3]}``
+    and set ``self.output_name`` to that name. Its parameters are initialised under a forked RNG,
+    so adding a noise head leaves every other parameter's initialisation unchanged.
     """
+
+    output_name: str
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        with torch.random.fork_rng(devices=[]):
+            super().__init__(*args, **kwargs)
 
     def forward(self, data: Batch, emb: dict[str, Any]) -> dict[str, torch.Tensor]:
         if not (self.training and DENS_MASK_KEY in data):

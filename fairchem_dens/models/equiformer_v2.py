@@ -39,7 +39,4 @@ class DeNSEquiformerV2NoiseHead(DeNSNoiseHeadMixin, EqV2VectorHead):
     the normalised noise eps/sigma ``[N, 3]`` (key ``noise``) from the l = 1 coefficients."""
 
     def __init__(self, backbone: BackboneInterface, output_name: str = "noise") -> None:
-        import torch
-
-        with torch.random.fork_rng(devices=[]):
-            super().__init__(backbone, output_name=output_name)
+        super().__init__(backbone, output_name=output_name)

@@ -1,0 +1,183 @@
+"""Command line of the converter: ``fairchem-dens convert`` / ``python -m fairchem_dens.data``.
+
+Importing this module is cheap (no torch / fairchem); the conversion itself is imported
+when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fairchem_dens.data.options import (
+    ENERGY_UNITS_IN_EV,
+    FORCE_UNITS_IN_EV_PER_ANGSTROM,
+    ConversionError,
+    ConversionOptions,
+)
+from fairchem_dens.data.reading import KNOWN_SUFFIXES
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+__all__ = ["DESCRIPTION", "add_convert_arguments", "main", "register", "run_convert"]
+
+SUMMARY = "convert ASE trajectories (.traj/.extxyz/.xyz/.db) into fairchem S2EF LMDBs"
+DESCRIPTION = f"""\
+Convert DFT trajectories readable by ASE into fairchem-core 1.x S2EF LMDBs
+(train/val/test), plus per-element energy references and normaliser statistics
+fitted on the train split.
+
+Each input FILE is one system (trajectory); every frame needs an energy and forces.
+Systems, never frames, are split into train/val/test. The system id (sid) comes from
+the digits of the file name (random1234.traj -> 1234) when they are unique, otherwise
+from the sorted file order; conversion.json records the mapping. Forces are the raw
+DFT forces on all atoms (constraints ignored); FixAtoms atoms get fixed=1.
+
+Molecules (no periodic direction) are put in a cubic periodic box with at least
+--box-padding Å of vacuum to their periodic images, so fairchem's radius_graph_pbc
+(use_pbc: True, otf_graph: True) builds their graphs and torch-cluster is not needed;
+keep the padding above the model cutoff.
+
+Directory inputs are searched recursively for: {' '.join(KNOWN_SUFFIXES)}.
+"""
+EPILOG = """\
+outputs (in --out):
+  train/ val/ test/          data.lmdb + metadata.npz (LmdbDataset src = the folder)
+  element_references.npz     per-element energies (eV), train split only
+  energy_normalizer.npz      mean/rmsd of train energies after references (eV)
+  forces_normalizer.npz      mean 0, rmsd of train forces (eV/Å)
+  conversion.json            inputs, sid mapping, splits, frame counts, units, fits
+
+example:
+  fairchem-dens convert "$(python -c 'import fairchem_dens.data as d; print(d.demo_data_dir())')" \\
+      --out data/oc20_demo --split 0.7,0.15,0.15 --seed 0
+"""
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the converter's arguments to ``parser`` and return it."""
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="trajectory files, directories or (quoted) glob patterns",
+    )
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
+    parser.add_argument(
+        "--split",
+        default="0.8,0.1,0.1",
+        metavar="TRAIN,VAL[,TEST]",
+        help="fractions of systems per split (default: %(default)s); held-out splits "
+        "get >= 1 system when there are enough systems",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the system shuffle for the split (default: 0)"
+    )
+    parser.add_argument(
+        "--stride",
+        type=int,
+        default=1,
+        metavar="K",
+        help="keep every K-th frame of each trajectory (default: 1)",
+    )
+    parser.add_argument(
+        "--energy-unit",
+        default="eV",
+        metavar="UNIT",
+        help=f"energy unit of the input, converted to eV: {', '.join(ENERGY_UNITS_IN_EV)} "
+        "(default: eV)",
+    )
+    parser.add_argument(
+        "--force-unit",
+        default=None,
+        metavar="UNIT",
+        help="force unit of the input, converted to eV/Å: "
+        f"{', '.join(FORCE_UNITS_IN_EV_PER_ANGSTROM)} (default: energy unit per Å)",
+    )
+    parser.add_argument(
+        "--box-padding",
+        type=float,
+        default=15.0,
+        metavar="Å",
+        help="vacuum (Å) between a molecule and its periodic images in the cubic box "
+        "built for non-periodic frames; keep > model cutoff (default: 15, enough "
+        "for cutoffs up to 12 Å)",
+    )
+    parser.add_argument(
+        "--energy-key",
+        default=None,
+        metavar="KEY",
+        help="read energies from atoms.info[KEY] instead of the calculator",
+    )
+    parser.add_argument(
+        "--forces-key",
+        default=None,
+        metavar="KEY",
+        help="read forces from atoms.arrays[KEY] instead of the calculator",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace existing converter outputs in --out"
+    )
+    parser.add_argument("--quiet", action="store_true", help="print only the YAML snippet")
+    return parser
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Run a conversion from parsed arguments; return the process exit status."""
+    from fairchem_dens.data.conversion import convert
+
+    def log(message: str) -> None:
+        if not args.quiet:
+            print(message, file=sys.stderr)
+
+    try:
+        options = ConversionOptions(
+            inputs=args.inputs,
+            out_dir=args.out,
+            split=args.split,
+            seed=args.seed,
+            stride=args.stride,
+            energy_unit=args.energy_unit,
+            force_unit=args.force_unit,
+            box_padding=args.box_padding,
+            energy_key=args.energy_key,
+            forces_key=args.forces_key,
+            overwrite=args.overwrite,
+        )
+        summary = convert(options, log=log)
+    except ConversionError as err:
+        print(f"fairchem-dens convert: error: {err}", file=sys.stderr)
+        return 2
+    missing = {k: v for k, v in summary["elements_missing_from_train"].items() if v}
+    if missing:
+        log(f"warning: elements absent from train get reference 0 eV: {missing}")
+    log(f"wrote {args.out}; add this to your fairchem config:")
+    print(summary["config_snippet"], end="")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``convert`` on the subparsers of the ``fairchem-dens`` command."""
+    parser = subparsers.add_parser(
+        "convert",
+        help=SUMMARY,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_convert_arguments(parser)
+    parser.set_defaults(func=run_convert)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m fairchem_dens.data`` (same options as ``convert``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m fairchem_dens.data",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return run_convert(add_convert_arguments(parser).parse_args(argv))
