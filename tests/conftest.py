@@ -86,3 +86,75 @@ def oc20_batch():
 @pytest.fixture
 def tiny_eqv2() -> dict:
     return dict(TINY_EQV2)
+
+
+@pytest.fixture(scope="session")
+def demo_lmdb(tmp_path_factory) -> Path:
+    """The bundled real OC20 trajectories converted to fairchem LMDBs (train/val/test split by
+    system, references and normalisers fitted on train), once per test session."""
+    from fairchem_dens.data import ConversionOptions, convert, demo_data_dir
+
+    out = tmp_path_factory.mktemp("demo_lmdb")
+    convert(ConversionOptions(inputs=[str(demo_data_dir())], out_dir=out, overwrite=True))
+    return out
+
+
+def demo_config(data_dir: Path, dens: dict | None, run_dir: Path, first_n: int | None = None,
+                **optim) -> dict:
+    """The demo config (plain when ``dens`` is None) as a dict with data paths filled in,
+    loaded through fairchem's own config loader (``includes`` resolved)."""
+    from fairchem.core.common.utils import load_config
+
+    import shutil
+
+    name = "eqv2_dens_cpu.yml" if dens is not None else "eqv2_cpu.yml"
+    config, _, _ = load_config(str(REPO / "configs/oc20/s2ef/demo" / name))
+    # a private copy: lmdb refuses to open one path twice in a process, and trainers of earlier
+    # tests may still hold theirs
+    data_dir = Path(shutil.copytree(data_dir, Path(run_dir) / "data"))
+    train = config["dataset"]["train"]
+    train["src"] = str(data_dir / "train")
+    train["transforms"]["element_references"]["energy"]["file"] = str(
+        data_dir / "element_references.npz")
+    for key in ("energy", "forces"):
+        train["transforms"]["normalizer"][key]["file"] = str(data_dir / f"{key}_normalizer.npz")
+    config["dataset"]["val"]["src"] = str(data_dir / "val")
+    if first_n is not None:
+        train["first_n"] = first_n
+        config["dataset"]["val"]["first_n"] = first_n
+        # a few steps per epoch: warm up over a whole epoch (fairchem's cosine schedule
+        # divides by int(warmup_epochs * steps_per_epoch))
+        config["optim"]["scheduler_params"]["warmup_epochs"] = 1
+    if dens is not None:
+        config["optim"]["dens"] = dict(dens)
+    config["optim"].update(optim)
+    config["run_dir"] = str(run_dir)
+    return config
+
+
+def build_trainer(config: dict, seed: int = 0):
+    """Construct the configured trainer in-process exactly as fairchem's CLI does (same
+    arguments as ``new_trainer_context``), without logging or checkpoints (``is_debug``)."""
+    from fairchem.core.common.registry import registry
+
+    name = config["trainer"]
+    task_name = "s2ef" if name in ("forces", "equiformerv2_forces") else "ocp"
+    return registry.get_trainer_class(name)(
+        task=config.get("task", {}),
+        model=config["model"],
+        outputs=config["outputs"],
+        dataset=config["dataset"],
+        optimizer=config["optim"],
+        loss_functions=config["loss_functions"],
+        evaluation_metrics=config["evaluation_metrics"],
+        identifier="test",
+        run_dir=config["run_dir"],
+        is_debug=True,
+        print_every=1000,
+        seed=seed,
+        logger="tensorboard",
+        local_rank=0,
+        cpu=True,
+        name=task_name,
+    )
+

@@ -71,6 +71,26 @@ def _where(path: Path, fid: int) -> str:
     return f"{path}: frame {fid}"
 
 
+def _calculator_result(atoms: Atoms, name: str, where: str, fix: str) -> object:
+    """Raw ``energy`` / ``forces`` of the frame's calculator (constraints not applied).
+
+    Files read by ASE carry a ``SinglePointCalculator``; its stored results are taken
+    as they are (that skips ASE's per-call state comparison). Other calculators are
+    asked through ``get_potential_energy`` / ``get_forces(apply_constraint=False)``.
+    """
+    calc = atoms.calc
+    if isinstance(calc, SinglePointCalculator):
+        if calc.results.get(name) is None:
+            raise ConversionError(f"{where}: frame has no {name}; {fix}")
+        return calc.results[name]
+    try:
+        if name == "energy":
+            return atoms.get_potential_energy(apply_constraint=False)
+        return atoms.get_forces(apply_constraint=False)
+    except (PropertyNotImplementedError, RuntimeError, AttributeError) as err:
+        raise ConversionError(f"{where}: frame has no {name} ({err}); {fix}") from err
+
+
 def _read_energy(atoms: Atoms, key: str | None, where: str) -> float:
     if key is not None:
         if key not in atoms.info:
@@ -80,15 +100,15 @@ def _read_energy(atoms: Atoms, key: str | None, where: str) -> float:
             )
         value = atoms.info[key]
     else:
-        try:
-            value = atoms.get_potential_energy(apply_constraint=False)
-        except (PropertyNotImplementedError, RuntimeError, AttributeError) as err:
-            raise ConversionError(
-                f"{where}: frame has no energy ({err}); every frame needs a DFT energy "
-                "and forces (remove the frame, or name the info key with --energy-key)"
-            ) from err
+        value = _calculator_result(
+            atoms,
+            "energy",
+            where,
+            "every frame needs a DFT energy and forces (remove the frame, or name the "
+            "atoms.info key holding it with --energy-key)",
+        )
     try:
-        return float(value)
+        return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError) as err:
         raise ConversionError(f"{where}: energy {value!r} is not a number") from err
 
@@ -102,13 +122,13 @@ def _read_forces(atoms: Atoms, key: str | None, where: str) -> np.ndarray:
             )
         value = atoms.arrays[key]
     else:
-        try:
-            value = atoms.get_forces(apply_constraint=False)
-        except (PropertyNotImplementedError, RuntimeError, AttributeError) as err:
-            raise ConversionError(
-                f"{where}: frame has no forces ({err}); every frame needs DFT forces "
-                "(remove the frame, or name the per-atom array with --forces-key)"
-            ) from err
+        value = _calculator_result(
+            atoms,
+            "forces",
+            where,
+            "every frame needs DFT forces (remove the frame, or name the per-atom "
+            "array holding them with --forces-key)",
+        )
     forces = np.asarray(value, dtype=np.float64)
     if forces.shape != (len(atoms), 3):
         raise ConversionError(
@@ -144,15 +164,16 @@ def frame_record(atoms: Atoms, path: Path, fid: int, options: ConversionOptions)
     where = _where(path, fid)
     if len(atoms) == 0:
         raise ConversionError(f"{where}: frame has no atoms; remove it")
-    energy = _read_energy(atoms, options.energy_key, where) * options.energy_factor
-    forces = _read_forces(atoms, options.forces_key, where) * options.force_factor
     positions = np.array(atoms.get_positions(), dtype=np.float64)
     cell = np.array(atoms.get_cell(complete=False).array, dtype=np.float64)
     pbc = np.array(atoms.pbc, dtype=bool)
-    _check_finite("energy", energy, where)
-    _check_finite("forces", forces, where)
+    # positions first: ASE hides the results of a frame whose positions are NaN
     _check_finite("positions", positions, where)
     _check_finite("cell vectors", cell, where)
+    energy = _read_energy(atoms, options.energy_key, where) * options.energy_factor
+    forces = _read_forces(atoms, options.forces_key, where) * options.force_factor
+    _check_finite("energy", energy, where)
+    _check_finite("forces", forces, where)
     try:
         fixed = fixed_mask(atoms)
     except IndexError as err:

@@ -6,7 +6,11 @@ One input file is one system (one trajectory). Files are given as paths, directo
 
 from __future__ import annotations
 
+import bz2
 import glob
+import gzip
+import io
+import lzma
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +141,23 @@ def assign_system_ids(files: Sequence[Path]) -> tuple[list[SystemFile], str]:
     return [SystemFile(path, index) for index, path in enumerate(files)], "index"
 
 
+_DECOMPRESSORS = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
+
+
+def _read_with_ase(path: Path, index: slice) -> list[Atoms]:
+    """``ase.io.read`` that decompresses (ext)xyz into memory first.
+
+    ASE's extxyz reader seeks back and forth, and seeking in a compressed stream restarts
+    decompression, which makes reading compressed files quadratic in their length.
+    """
+    opener = _DECOMPRESSORS.get(path.suffix.lower())
+    if opener is not None and Path(path.stem).suffix.lower() in (".extxyz", ".xyz"):
+        with opener(path, "rt") as handle:
+            text = io.StringIO(handle.read())
+        return ase.io.read(text, index=index, format="extxyz")
+    return ase.io.read(path, index=index)
+
+
 def read_frames(path: Path, stride: int = 1) -> Iterator[tuple[int, Atoms]]:
     """Yield ``(frame_index, atoms)`` for every ``stride``-th frame of a file.
 
@@ -151,7 +172,7 @@ def read_frames(path: Path, stride: int = 1) -> Iterator[tuple[int, Atoms]]:
         If ASE cannot read the file or it holds no frames.
     """
     try:
-        frames = ase.io.read(path, index=slice(None, None, stride))
+        frames = _read_with_ase(path, slice(None, None, stride))
     except Exception as err:  # ASE raises many types for unreadable files
         raise ConversionError(
             f"{path}: ASE could not read the file ({type(err).__name__}: {err}); "

@@ -3,10 +3,13 @@ the optional shared data folder, and builders of small (possibly broken) inputs.
 
 from __future__ import annotations
 
+import io
 import json
+import lzma
 import os
 from pathlib import Path
 
+import ase.io
 import numpy as np
 import pytest
 from ase import Atoms
@@ -96,3 +99,10 @@ def assert_same_up_to_lattice_translation(pos: np.ndarray, atoms) -> None:
     fractional = np.linalg.solve(cell.T, pos.T).T
     assert fractional.min() > -1e-5
     assert fractional.max() < 1 + 1e-5
+
+
+def read_demo_file(path: Path, index: str = ":") -> list[Atoms]:
+    """Frames of a bundled ``.extxyz.xz`` file, read by plain ASE (decompressed in memory:
+    ASE's extxyz reader seeks, which is slow on an lzma stream)."""
+    with lzma.open(path, "rt") as handle:
+        return ase.io.read(io.StringIO(handle.read()), index=index, format="extxyz")

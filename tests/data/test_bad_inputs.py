@@ -57,13 +57,19 @@ def test_frame_without_calculator_in_extxyz(tmp_path: Path) -> None:
     assert "energy" in message
 
 
+def set_nan_position(atoms):
+    energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+    atoms.positions[0, 1] = np.nan
+    return set_results(atoms, energy=energy, forces=forces)
+
+
 @pytest.mark.parametrize(
     ("what", "corrupt"),
     [
         ("energy", lambda a: set_results(a, energy=np.nan, forces=a.get_forces())),
         ("energy", lambda a: set_results(a, energy=np.inf, forces=a.get_forces())),
         ("forces", lambda a: set_results(a, energy=-1.0, forces=a.get_forces() * np.inf)),
-        ("positions", lambda a: a.positions.__setitem__((0, 1), np.nan)),
+        ("positions", lambda a: set_nan_position(a)),
     ],
 )
 def test_non_finite_values(tmp_path: Path, what: str, corrupt) -> None:

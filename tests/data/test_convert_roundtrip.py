@@ -6,7 +6,6 @@ import pickle
 import re
 from pathlib import Path
 
-import ase.io
 import lmdb
 import numpy as np
 import pytest
@@ -15,7 +14,12 @@ from ase.constraints import FixAtoms
 from fairchem_dens.data import ConversionOptions, convert
 from fairchem_dens.data.splits import split_counts, split_systems
 
-from .conftest import DEMO_SEED, DEMO_SPLIT, assert_same_up_to_lattice_translation
+from .conftest import (
+    DEMO_SEED,
+    DEMO_SPLIT,
+    assert_same_up_to_lattice_translation,
+    read_demo_file,
+)
 
 
 def read_lmdb(path: Path) -> list:
@@ -30,7 +34,7 @@ def read_lmdb(path: Path) -> list:
 
 
 def ase_frames_by_fid(path: Path) -> dict[int, object]:
-    return {atoms.info["fid"]: atoms for atoms in ase.io.read(path, index=":")}
+    return {atoms.info["fid"]: atoms for atoms in read_demo_file(path)}
 
 
 def test_demo_data_is_small_and_complete(demo_dir: Path) -> None:
@@ -142,7 +146,7 @@ def test_stride_keeps_every_kth_frame(demo_dir: Path, tmp_path: Path) -> None:
     entries = read_lmdb(tmp_path / "out" / "train" / "data.lmdb")
     for path in files:
         sid = int(re.search(r"random(\d+)", path.name).group(1))
-        original_fids = [a.info["fid"] for a in ase.io.read(path, index=":")]
+        original_fids = [a.info["fid"] for a in read_demo_file(path)]
         fids = [int(d.fid) for d in entries if int(d.sid) == sid]
         assert fids == original_fids[::3]
         assert summary["systems"][str(sid)]["frames"] == len(fids)
