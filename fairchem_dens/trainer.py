@@ -69,6 +69,9 @@ class DenoisingForcesTrainer(EquiformerV2ForcesTrainer):
         self._noise_head: str | None = None
         self._dens_params: list[torch.nn.Parameter] = []
         super().__init__(*args, **kwargs)
+        # fairchem stores the task name here; only OCPCalculator reads it back, to pick the
+        # trainer class of a checkpoint. Our dotted path lets it load DeNS checkpoints as they are.
+        self.config["trainer"] = f"{type(self).__module__}.{type(self).__qualname__}"
         seed = self.config["cmd"].get("seed")
         self._set_dens_seed(int(seed) if seed is not None else 0)
         if self.dens is not None and not kwargs.get("inference_only", False):

@@ -11,6 +11,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FAIRCHEM_DENS_SHARED", REPO.parent / "shared"))
 DEMO_DIR = REPO / "fairchem_dens" / "demo_data" / "oc20_s2ef"
+from fairchem_dens.demo import DEMO_VAL_SYSTEMS  # noqa: E402
 
 # Small enough for CPU unit tests, large enough to exercise every path (lmax 3, mmax 2).
 TINY_EQV2 = {
@@ -90,12 +91,14 @@ def tiny_eqv2() -> dict:
 
 @pytest.fixture(scope="session")
 def demo_lmdb(tmp_path_factory) -> Path:
-    """The bundled real OC20 trajectories converted to fairchem LMDBs (train/val/test split by
-    system, references and normalisers fitted on train), once per test session."""
+    """The bundled real OC20 trajectories converted to fairchem LMDBs, once per test session:
+    split by system (val = the demo's val systems, train = the other 12), references and
+    normalisers fitted on train."""
     from fairchem_dens.data import ConversionOptions, convert, demo_data_dir
 
     out = tmp_path_factory.mktemp("demo_lmdb")
-    convert(ConversionOptions(inputs=[str(demo_data_dir())], out_dir=out, overwrite=True))
+    convert(ConversionOptions(inputs=[str(demo_data_dir())], out_dir=out, overwrite=True,
+                              val_systems=DEMO_VAL_SYSTEMS))
     return out
 
 

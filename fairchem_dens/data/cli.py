@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fairchem_dens.data.options import (
+    DEFAULT_SPLIT,
     ENERGY_UNITS_IN_EV,
     FORCE_UNITS_IN_EV_PER_ANGSTROM,
     ConversionError,
@@ -24,6 +26,9 @@ if TYPE_CHECKING:
 
 __all__ = ["DESCRIPTION", "add_convert_arguments", "main", "register", "run_convert"]
 
+_SUFFIX_TEXT = textwrap.fill(
+    "Directory inputs are searched recursively for: " + " ".join(KNOWN_SUFFIXES) + ".", 84
+)
 SUMMARY = "convert ASE trajectories (.traj/.extxyz/.xyz/.db) into fairchem S2EF LMDBs"
 DESCRIPTION = f"""\
 Convert DFT trajectories readable by ASE into fairchem-core 1.x S2EF LMDBs
@@ -36,12 +41,19 @@ the digits of the file name (random1234.traj -> 1234) when they are unique, othe
 from the sorted file order; conversion.json records the mapping. Forces are the raw
 DFT forces on all atoms (constraints ignored); FixAtoms atoms get fixed=1.
 
+Systems are split by --split fractions after a --seed shuffle, or explicitly:
+--val-systems/--test-systems name the held-out sids and every other system goes to
+train (then --split must not be given and --seed is not used). Per-element energy
+references are fitted on train, and elements absent from train get 0 eV, so hold out
+systems whose elements all occur in train (conversion.json lists any others under
+elements_missing_from_train).
+
 Molecules (no periodic direction) are put in a cubic periodic box with at least
 --box-padding Å of vacuum to their periodic images, so fairchem's radius_graph_pbc
 (use_pbc: True, otf_graph: True) builds their graphs and torch-cluster is not needed;
 keep the padding above the model cutoff.
 
-Directory inputs are searched recursively for: {' '.join(KNOWN_SUFFIXES)}.
+{_SUFFIX_TEXT}
 """
 EPILOG = """\
 outputs (in --out):
@@ -51,9 +63,12 @@ outputs (in --out):
   forces_normalizer.npz      mean 0, rmsd of train forces (eV/Å)
   conversion.json            inputs, sid mapping, splits, frame counts, units, fits
 
-example:
+examples:
   fairchem-dens convert "$(python -c 'import fairchem_dens.data as d; print(d.demo_data_dir())')" \\
       --out data/oc20_demo --split 0.7,0.15,0.15 --seed 0
+  # demo data with a val split whose elements all occur in train:
+  fairchem-dens convert "$(python -c 'import fairchem_dens.data as d; print(d.demo_data_dir())')" \\
+      --out data/oc20_demo --val-systems 1000100,1000161
 """
 
 
@@ -68,13 +83,32 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
     parser.add_argument(
         "--split",
-        default="0.8,0.1,0.1",
+        default=None,
         metavar="TRAIN,VAL[,TEST]",
-        help="fractions of systems per split (default: %(default)s); held-out splits "
-        "get >= 1 system when there are enough systems",
+        help="fractions of systems per split (default: "
+        f"{','.join(f'{value:g}' for value in DEFAULT_SPLIT)}); held-out splits get >= 1 "
+        "system when there are enough systems; exclusive with --val-systems/--test-systems",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the system shuffle for the split (default: 0)"
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the system shuffle for --split (default: 0; not used with "
+        "--val-systems/--test-systems)",
+    )
+    parser.add_argument(
+        "--val-systems",
+        default="",
+        metavar="SID,SID,...",
+        help="comma-separated system ids (sids) for the val split, e.g. 1000100,1000161; "
+        "with this or --test-systems, every other system goes to train and --split/--seed "
+        "are not used",
+    )
+    parser.add_argument(
+        "--test-systems",
+        default="",
+        metavar="SID,SID,...",
+        help="comma-separated system ids (sids) for the test split (see --val-systems)",
     )
     parser.add_argument(
         "--stride",
@@ -101,7 +135,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         "--box-padding",
         type=float,
         default=15.0,
-        metavar="Å",
+        metavar="ANGSTROM",
         help="vacuum (Å) between a molecule and its periodic images in the cubic box "
         "built for non-periodic frames; keep > model cutoff (default: 15, enough "
         "for cutoffs up to 12 Å)",
@@ -139,6 +173,8 @@ def run_convert(args: argparse.Namespace) -> int:
             out_dir=args.out,
             split=args.split,
             seed=args.seed,
+            val_systems=args.val_systems,
+            test_systems=args.test_systems,
             stride=args.stride,
             energy_unit=args.energy_unit,
             force_unit=args.force_unit,
@@ -153,7 +189,10 @@ def run_convert(args: argparse.Namespace) -> int:
         return 2
     missing = {k: v for k, v in summary["elements_missing_from_train"].items() if v}
     if missing:
-        log(f"warning: elements absent from train get reference 0 eV: {missing}")
+        log(
+            f"warning: elements absent from train get reference 0 eV: {missing}; choose "
+            "held-out systems whose elements occur in train with --val-systems/--test-systems"
+        )
     log(f"wrote {args.out}; add this to your fairchem config:")
     print(summary["config_snippet"], end="")
     return 0

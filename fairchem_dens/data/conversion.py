@@ -10,6 +10,17 @@ Output directory layout::
       energy_normalizer.npz  forces_normalizer.npz
       conversion.json                          # inputs, splits, sid mapping, units, fits
 
+Systems are assigned to splits either by fractions and a seed
+(:func:`~fairchem_dens.data.splits.split_systems`) or explicitly with
+``val_systems`` / ``test_systems`` (:func:`~fairchem_dens.data.splits.assign_systems`);
+``conversion.json`` records which under ``split_mode`` (``"fractions"`` or
+``"explicit"``).
+
+Molecules without periodic directions are placed in a cubic periodic box with
+``box_padding`` Å (default 15, above a 12 Å cutoff) of vacuum to their images, so that
+fairchem's ``radius_graph_pbc`` (``use_pbc: True``, ``otf_graph: True``) builds every graph
+and torch-cluster is never needed (details in :mod:`fairchem_dens.data.frames`).
+
 Every output file is first written under a hidden temporary name in its final directory
 and moved into place with ``os.replace`` only after *all* inputs converted, so bad input
 leaves no LMDB (and no new directory) behind.
@@ -39,7 +50,7 @@ from fairchem_dens.data.references import (
     config_snippet,
     write_reference_files,
 )
-from fairchem_dens.data.splits import split_systems
+from fairchem_dens.data.splits import assign_systems, split_systems
 
 if TYPE_CHECKING:
     from fairchem_dens.data.reading import SystemFile
@@ -155,10 +166,16 @@ def convert(options: ConversionOptions, log: Callable[[str], None] | None = None
     files = discover_input_files(options.inputs)
     systems, sid_source = assign_system_ids(files)
     by_sid = {system.sid: system for system in systems}
-    split_sids = split_systems(list(by_sid), options.split, options.seed)
+    if options.split_mode == "explicit":
+        split_sids = assign_systems(list(by_sid), options.val_systems, options.test_systems)
+    else:
+        split_sids = split_systems(list(by_sid), options.split, options.seed)
     out_dir = options.out_dir
     _check_existing(out_dir, options.overwrite)
-    say(f"{len(systems)} systems: " + ", ".join(f"{k} {len(v)}" for k, v in split_sids.items()))
+    say(
+        f"{len(systems)} systems ({options.split_mode} split): "
+        + ", ".join(f"{k} {len(v)}" for k, v in split_sids.items())
+    )
 
     system_report = {
         str(s.sid): {"path": str(s.path), "split": name}
@@ -234,6 +251,7 @@ def _summary(
         "units": {"energy": "eV", "forces": "eV/Å", "positions": "Å"},
         "input_units": {"energy": options.energy_unit, "forces": options.force_unit},
         "sid_source": sid_source,
+        "split_mode": options.split_mode,
         "splits": split_report,
         "systems": system_report,
         "element_references": {

@@ -5,7 +5,9 @@ molecule's largest extent plus ``box_padding`` Å, so the vacuum between the mol
 its periodic images is at least ``box_padding``. With the padding above the model's
 cutoff no atom sees an image, and fairchem's ``radius_graph_pbc`` (``use_pbc: True``)
 builds the graph, so torch-cluster is never needed and every entry of a dataset has the
-same ``pbc`` (fairchem cannot batch mixed ``pbc``).
+same ``pbc`` (fairchem cannot batch mixed ``pbc``). Partially periodic frames (e.g. a
+slab with ``pbc=(T, T, F)``) keep their cell and ``pbc``; they need three non-degenerate
+cell vectors and should not share a dataset with fully periodic frames.
 """
 
 from __future__ import annotations

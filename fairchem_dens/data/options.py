@@ -8,23 +8,33 @@ Python API (:func:`fairchem_dens.data.convert`).
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ase import units
 
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
 __all__ = [
+    "DEFAULT_SPLIT",
+    "ENERGY_UNITS_IN_EV",
     "ConversionError",
     "ConversionOptions",
-    "ENERGY_UNITS_IN_EV",
     "FORCE_UNITS_IN_EV_PER_ANGSTROM",
     "SPLIT_NAMES",
+    "check_disjoint_systems",
     "parse_split_fractions",
+    "parse_system_ids",
 ]
 
 #: Names of the splits written by the converter, in output order.
 SPLIT_NAMES: tuple[str, str, str] = ("train", "val", "test")
+
+#: Fractions of systems per split (train, val, test) when no ``split`` is given.
+DEFAULT_SPLIT: tuple[float, float, float] = (0.8, 0.1, 0.1)
 
 #: Energy units accepted by ``--energy-unit``: size of one unit in eV.
 ENERGY_UNITS_IN_EV: dict[str, float] = {
@@ -96,6 +106,61 @@ def parse_split_fractions(text: str) -> tuple[float, float, float]:
     return values[0], values[1], values[2]
 
 
+def parse_system_ids(text: str, option: str = "--val-systems") -> tuple[int, ...]:
+    """Parse ``"1000100,1000161"`` into system ids ``(1000100, 1000161)``.
+
+    Whitespace around the ids and empty items (``"1,2,"``) are ignored, so ``""`` gives
+    ``()``.
+
+    Parameters
+    ----------
+    text
+        Comma-separated integer system ids.
+    option
+        Name of the option, used in the error message.
+
+    Returns
+    -------
+    tuple of int
+        The ids in the order given.
+    """
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    try:
+        return tuple(int(item) for item in items)
+    except ValueError as err:
+        raise ConversionError(
+            f"{option} {text!r} is not a comma-separated list of integer system ids, "
+            "e.g. 1000100,1000161"
+        ) from err
+
+
+def check_disjoint_systems(val_systems: Iterable[int], test_systems: Iterable[int]) -> None:
+    """Raise :class:`ConversionError` when a system id is in both val and test."""
+    both = sorted(set(val_systems) & set(test_systems))
+    if both:
+        raise ConversionError(
+            f"system(s) {', '.join(map(str, both))} are in both --val-systems and "
+            "--test-systems; a system can be in one split only"
+        )
+
+
+def _system_id_tuple(values: str | Iterable[Any], option: str) -> tuple[int, ...]:
+    """Validate system ids (a comma-separated string or integers) into a sorted tuple."""
+    if isinstance(values, str):
+        return tuple(sorted(set(parse_system_ids(values, option))))
+    if not hasattr(values, "__iter__"):
+        values = [values]  # a single id
+    ids = set()
+    for value in values:
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            ids.add(operator.index(value))
+        except TypeError as err:
+            raise ConversionError(f"{option}: system ids must be integers, got {value!r}") from err
+    return tuple(sorted(ids))
+
+
 @dataclass
 class ConversionOptions:
     """Validated settings of one conversion.
@@ -109,9 +174,13 @@ class ConversionOptions:
         Output directory; receives ``train/``, ``val/``, ``test/`` (each ``data.lmdb`` +
         ``metadata.npz``), the reference/normaliser files and ``conversion.json``.
     split
-        Fractions of *systems* (files) per split (train, val, test); sum to 1.
+        Fractions of *systems* (files) per split (train, val, test); sum to 1. ``None``
+        (the default) means :data:`DEFAULT_SPLIT`; a string like ``"0.8,0.1,0.1"`` is
+        parsed. Not allowed together with ``val_systems`` / ``test_systems``; it is
+        ``None`` after validation when those are used.
     seed
-        Seed of the system shuffle that assigns systems to splits.
+        Seed of the system shuffle that assigns systems to splits (not used with
+        ``val_systems`` / ``test_systems``).
     stride
         Keep every ``stride``-th frame of each file (frames 0, stride, 2*stride, ...).
     energy_unit
@@ -127,11 +196,18 @@ class ConversionOptions:
         ``atoms.arrays[forces_key]`` instead of the attached calculator.
     overwrite
         Replace existing converter outputs in ``out_dir``.
+    val_systems, test_systems
+        Explicit split assignment: the system ids (sids) that go to val / test; all
+        other systems go to train, and ``split`` and ``seed`` are not used. Integers or
+        a comma-separated string; kept sorted, and the two must be disjoint. Whether
+        every id names an input system is checked by :func:`convert` once the inputs are
+        read. Use this to hold out systems whose elements all occur in train (the
+        energy references of elements absent from train are 0 eV).
     """
 
     inputs: list[str]
     out_dir: Path
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split: tuple[float, float, float] | None = None
     seed: int = 0
     stride: int = 1
     energy_unit: str = "eV"
@@ -140,6 +216,8 @@ class ConversionOptions:
     energy_key: str | None = None
     forces_key: str | None = None
     overwrite: bool = False
+    val_systems: tuple[int, ...] = ()
+    test_systems: tuple[int, ...] = ()
     energy_factor: float = field(init=False, default=1.0)
     force_factor: float = field(init=False, default=1.0)
 
@@ -148,17 +226,7 @@ class ConversionOptions:
         self.out_dir = Path(self.out_dir)
         if not self.inputs:
             raise ConversionError("no inputs given: pass files, directories or globs")
-        if isinstance(self.split, str):
-            self.split = parse_split_fractions(self.split)
-        self.split = tuple(float(value) for value in self.split)  # type: ignore[assignment]
-        if len(self.split) != 3 or any(
-            not math.isfinite(value) or value < 0 for value in self.split
-        ):
-            raise ConversionError(f"split fractions {self.split} must be three finite numbers >= 0")
-        if abs(sum(self.split) - 1.0) > 1e-6:
-            raise ConversionError(f"split fractions {self.split} sum to {sum(self.split):g}, not 1")
-        if self.split[0] <= 0:
-            raise ConversionError("the train fraction must be > 0")
+        self._validate_split()
         if int(self.stride) != self.stride or self.stride < 1:
             raise ConversionError(f"stride must be an integer >= 1, got {self.stride}")
         self.stride = int(self.stride)
@@ -172,9 +240,42 @@ class ConversionOptions:
             force_unit, FORCE_UNITS_IN_EV_PER_ANGSTROM, "force unit"
         )
 
+    @property
+    def split_mode(self) -> str:
+        """``"explicit"`` with ``val_systems`` / ``test_systems``, else ``"fractions"``."""
+        return "explicit" if self.val_systems or self.test_systems else "fractions"
+
+    def _validate_split(self) -> None:
+        """Validate the explicit system lists, or the split fractions."""
+        self.val_systems = _system_id_tuple(self.val_systems, "--val-systems")
+        self.test_systems = _system_id_tuple(self.test_systems, "--test-systems")
+        if self.split_mode == "explicit":
+            check_disjoint_systems(self.val_systems, self.test_systems)
+            if self.split is not None:
+                raise ConversionError(
+                    "--split and --val-systems/--test-systems are exclusive: with explicit "
+                    "systems all other systems go to train and no fractions are used; drop "
+                    "--split (or the explicit systems)"
+                )
+            return
+        split = DEFAULT_SPLIT if self.split is None else self.split
+        if isinstance(split, str):
+            split = parse_split_fractions(split)
+        self.split = tuple(float(value) for value in split)  # type: ignore[assignment]
+        if len(self.split) != 3 or any(
+            not math.isfinite(value) or value < 0 for value in self.split
+        ):
+            raise ConversionError(f"split fractions {self.split} must be three finite numbers >= 0")
+        if abs(sum(self.split) - 1.0) > 1e-6:
+            raise ConversionError(f"split fractions {self.split} sum to {sum(self.split):g}, not 1")
+        if self.split[0] <= 0:
+            raise ConversionError("the train fraction must be > 0")
+
     def to_json(self) -> dict[str, Any]:
         """JSON-serialisable view of the options (for ``conversion.json``)."""
         values = asdict(self)
         values["out_dir"] = str(self.out_dir)
-        values["split"] = dict(zip(SPLIT_NAMES, self.split))
+        values["split"] = None if self.split is None else dict(zip(SPLIT_NAMES, self.split))
+        values["val_systems"] = list(self.val_systems)
+        values["test_systems"] = list(self.test_systems)
         return values

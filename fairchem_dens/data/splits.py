@@ -1,4 +1,9 @@
-"""Assign whole systems (never single frames) to train / val / test."""
+"""Assign whole systems (never single frames) to train / val / test.
+
+Two modes: :func:`split_systems` shuffles the systems with a seed and cuts them by
+fractions; :func:`assign_systems` puts explicitly named systems into val / test and all
+others into train.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fairchem_dens.data.options import SPLIT_NAMES
+from fairchem_dens.data.options import SPLIT_NAMES, ConversionError, check_disjoint_systems
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["split_counts", "split_systems"]
+__all__ = ["assign_systems", "split_counts", "split_systems"]
+
+#: At most this many available sids are listed in the unknown-sid error.
+_MAX_LISTED_SIDS = 50
 
 
 def split_counts(num_systems: int, fractions: Sequence[float]) -> tuple[int, int, int]:
@@ -65,3 +73,56 @@ def split_systems(
         result[name] = sorted(permuted[start : start + count])
         start += count
     return result
+
+
+def assign_systems(
+    sids: Sequence[int], val_systems: Sequence[int], test_systems: Sequence[int]
+) -> dict[str, list[int]]:
+    """Put ``val_systems`` / ``test_systems`` into val / test and all other ids into train.
+
+    Parameters
+    ----------
+    sids
+        Ids of all input systems.
+    val_systems, test_systems
+        Disjoint ids of the held-out systems; each must be in ``sids``.
+
+    Returns
+    -------
+    dict
+        ``{"train": [...], "val": [...], "test": [...]}`` of disjoint, sorted system ids.
+
+    Raises
+    ------
+    ConversionError
+        When an id is not an input system (the message names it and lists the available
+        ids), when an id is in both lists, or when no system is left for train.
+
+    Examples
+    --------
+    >>> assign_systems([3, 1, 2, 4], val_systems=[2], test_systems=[4])
+    {'train': [1, 3], 'val': [2], 'test': [4]}
+    """
+    known = sorted(int(sid) for sid in sids)
+    held_out = {
+        "val": sorted(set(map(int, val_systems))),
+        "test": sorted(set(map(int, test_systems))),
+    }
+    unknown = sorted(set(held_out["val"] + held_out["test"]) - set(known))
+    if unknown:
+        listed = ", ".join(map(str, known[:_MAX_LISTED_SIDS]))
+        if len(known) > _MAX_LISTED_SIDS:
+            listed += f", ... ({len(known)} in total)"
+        raise ConversionError(
+            f"unknown system id(s) {', '.join(map(str, unknown))} in --val-systems/"
+            f"--test-systems; the inputs have the sids {listed} (sids come from the file "
+            "names' digits, or the sorted file order when those are not unique)"
+        )
+    check_disjoint_systems(held_out["val"], held_out["test"])
+    train = sorted(set(known) - set(held_out["val"]) - set(held_out["test"]))
+    if not train:
+        raise ConversionError(
+            "--val-systems/--test-systems name all input systems; leave at least one "
+            "system for train"
+        )
+    return {"train": train, **held_out}

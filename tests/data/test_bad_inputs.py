@@ -68,7 +68,7 @@ def set_nan_position(atoms):
     [
         ("energy", lambda a: set_results(a, energy=np.nan, forces=a.get_forces())),
         ("energy", lambda a: set_results(a, energy=np.inf, forces=a.get_forces())),
-        ("forces", lambda a: set_results(a, energy=-1.0, forces=a.get_forces() * np.inf)),
+        ("forces", lambda a: set_results(a, energy=-1.0, forces=np.full((4, 3), np.inf))),
         ("positions", lambda a: set_nan_position(a)),
     ],
 )

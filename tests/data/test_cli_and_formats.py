@@ -41,6 +41,8 @@ def test_convert_help(capsys: pytest.CaptureFixture) -> None:
         "--out",
         "--split",
         "--seed",
+        "--val-systems",
+        "--test-systems",
         "--stride",
         "--energy-unit",
         "--force-unit",
