@@ -6,8 +6,8 @@
    script (``--mode train --cpu``), streaming its log;
 3. prints the validation energy and force MAE of the last evaluation.
 
-``--compare`` also trains the plain EquiformerV2 baseline (``eqv2_cpu.yml``, same model, data
-order and seed) and prints both. Run ``python -m fairchem_dens.demo --help``.
+``--compare`` also trains the plain baseline (``eqv2_cpu.yml``: same model, data order and seed)
+and prints both; ``--model escn`` does the same with eSCN. Run ``python -m fairchem_dens.demo --help``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs" / "oc20" / "s2ef" / "demo"
-VARIANTS = {"dens": "eqv2_dens_cpu.yml", "plain": "eqv2_cpu.yml"}
+CONFIGS = {  # (model, variant) -> demo config
+    ("eqv2", "dens"): "eqv2_dens_cpu.yml",
+    ("eqv2", "plain"): "eqv2_cpu.yml",
+    ("escn", "dens"): "escn_dens_cpu.yml",
+    ("escn", "plain"): "escn_cpu.yml",
+}
 # Validation systems whose elements all occur in the other 12 bundled systems, so the linear
 # energy references (fitted on train) cover them and val energy MAE is meaningful.
 DEMO_VAL_SYSTEMS = (1000100, 1000161)
@@ -52,16 +57,17 @@ def parse_val_metrics(log: str) -> list[dict[str, float]]:
     return results
 
 
-def train(variant: str, lmdb_dir: Path, out: Path, seed: int, extra: list[str]) -> dict:
+def train(model: str, variant: str, lmdb_dir: Path, out: Path, seed: int,
+          extra: list[str]) -> dict:
     """Run the stock fairchem CLI on one demo config; returns the last val metrics."""
     fairchem = Path(sys.executable).with_name("fairchem")
     cmd = [
         str(fairchem) if fairchem.exists() else "fairchem",
         "--mode", "train",
-        "--config-yml", str(CONFIG_DIR / VARIANTS[variant]),
+        "--config-yml", str(CONFIG_DIR / CONFIGS[model, variant]),
         "--cpu",
-        "--run-dir", str(out / variant),
-        "--identifier", variant,
+        "--run-dir", str(out / f"{model}_{variant}"),
+        "--identifier", f"{model}_{variant}",
         "--seed", str(seed),
         *data_overrides(lmdb_dir),
         *extra,
@@ -73,13 +79,13 @@ def train(variant: str, lmdb_dir: Path, out: Path, seed: int, extra: list[str]) 
         for line in proc.stdout:
             sys.stdout.write(line)
             lines.append(line)
-    log = "".join(lines)
-    (out / f"{variant}.log").write_text(log)
+    log, log_file = "".join(lines), out / f"{model}_{variant}.log"
+    log_file.write_text(log)
     if proc.returncode != 0:
-        raise SystemExit(f"fairchem exited with {proc.returncode}; log in {out / variant}.log")
+        raise SystemExit(f"fairchem exited with {proc.returncode}; log in {log_file}")
     evaluations = parse_val_metrics(log)
     if not evaluations:
-        raise SystemExit(f"no validation metrics in the {variant} log ({out / variant}.log)")
+        raise SystemExit(f"no validation metrics in {log_file}")
     return {"metrics": evaluations[-1], "minutes": (time.time() - start) / 60}
 
 
@@ -88,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "demo",
                         help="output directory (default: runs/demo)")
+    parser.add_argument("--model", choices=("eqv2", "escn"), default="eqv2",
+                        help="EquiformerV2 (default) or eSCN")
     parser.add_argument("--compare", action="store_true",
                         help="also train the plain EquiformerV2 baseline and compare")
     parser.add_argument("--seed", type=int, default=0)
@@ -107,9 +115,10 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {}
     for variant in ("dens", "plain") if args.compare else ("dens",):
-        results[variant] = train(variant, lmdb_dir, out, args.seed, args.overrides)
+        results[variant] = train(args.model, variant, lmdb_dir, out, args.seed, args.overrides)
 
-    print("\n=== validation (last evaluation, EMA weights) ===")
+    print(f"\n=== {args.model}: validation on {len(DEMO_VAL_SYSTEMS)} held-out systems "
+          "(last evaluation, EMA weights) ===")
     for variant, result in results.items():
         m = result["metrics"]
         print(f"{variant:>5}: force MAE {m['forces_mae']:.4f} eV/A, energy MAE "

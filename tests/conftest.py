@@ -40,6 +40,26 @@ TINY_EQV2 = {
     "enforce_max_neighbors_strictly": False,
 }
 
+TINY_ESCN = {
+    "use_pbc": True,
+    "regress_forces": True,
+    "otf_graph": True,
+    "max_neighbors": 30,
+    "cutoff": 5.0,
+    "max_num_elements": 90,
+    "num_layers": 2,
+    "lmax_list": [3],
+    "mmax_list": [2],
+    "sphere_channels": 16,
+    "hidden_channels": 16,
+    "edge_channels": 16,
+    # eSCN's heads integrate over sampled sphere points: fine sampling keeps its grid error
+    # (the host's own equivariance limit) well below the test tolerance
+    "num_sphere_samples": 512,
+    "resolution": 32,
+    "distance_resolution": 0.1,
+}
+
 
 def demo_frames(max_systems: int = 2, frames_per_system: int = 1):
     """Real OC20 frames (ASE Atoms) from the bundled demo data."""

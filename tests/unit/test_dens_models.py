@@ -1,9 +1,11 @@
-"""DeNS EquiformerV2: force encoding, noise head, eval equality with fairchem's plain model,
-rotation equivariance, RNG-neutral construction."""
+"""Every DeNS backbone family (EquiformerV2, eSCN) against fairchem's plain model: force
+encoding, noise head, eval equality with the same weights, rotation equivariance, RNG-neutral
+construction. A new family is one more entry in FAMILIES."""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -11,22 +13,53 @@ from fairchem.core.models.base import HydraModel
 
 from fairchem_dens.corruption import DENS_FORCES_KEY, DENS_MASK_KEY
 from fairchem_dens.models.dens import dens_only_parameters
+from tests.conftest import TINY_ESCN, TINY_EQV2
 from tests.equivariance import assert_invariant, assert_rotates, random_rotation
 
-DENS_BACKBONE = "fairchem_dens.models.equiformer_v2.DeNSEquiformerV2Backbone"
-NOISE_HEAD = "fairchem_dens.models.equiformer_v2.DeNSEquiformerV2NoiseHead"
-HEADS = {
-    "energy": {"module": "equiformerV2_scalar_head"},
-    "forces": {"module": "equiformerV2_vector_head"},
-}
+@dataclass(frozen=True)
+class Family:
+    plain_backbone: str
+    dens_backbone: str
+    heads: dict
+    noise_head: str
+    kwargs: dict
+
+    def __str__(self) -> str:
+        return self.plain_backbone
 
 
-def build(backbone_name: str, kwargs: dict, noise: bool, seed: int = 0) -> HydraModel:
+FAMILIES = [
+    Family(
+        "equiformer_v2_backbone",
+        "fairchem_dens.models.equiformer_v2.DeNSEquiformerV2Backbone",
+        {"energy": {"module": "equiformerV2_scalar_head"},
+         "forces": {"module": "equiformerV2_vector_head"}},
+        "fairchem_dens.models.equiformer_v2.DeNSEquiformerV2NoiseHead",
+        TINY_EQV2,
+    ),
+    Family(
+        "escn_backbone",
+        "fairchem_dens.models.escn.DeNSeSCNBackbone",
+        {"energy": {"module": "escn_energy_head"}, "forces": {"module": "escn_force_head"}},
+        "fairchem_dens.models.escn.DeNSeSCNNoiseHead",
+        TINY_ESCN,
+    ),
+]
+DENS_KEYS = ("backbone.force_encoding.", "output_heads.denoise.")
+
+
+@pytest.fixture(params=FAMILIES, ids=str)
+def family(request) -> Family:
+    return request.param
+
+
+def build(family: Family, dens: bool, seed: int = 0, **overrides) -> HydraModel:
     torch.manual_seed(seed)
-    heads = dict(copy.deepcopy(HEADS))
-    if noise:
-        heads["denoise"] = {"module": NOISE_HEAD}  # sorts first: its init must not shift RNG
-    return HydraModel(backbone={"model": backbone_name, **kwargs}, heads=heads,
+    heads = copy.deepcopy(family.heads)
+    if dens:
+        heads["denoise"] = {"module": family.noise_head}  # sorts first: its init must not shift RNG
+    name = family.dens_backbone if dens else family.plain_backbone
+    return HydraModel(backbone={"model": name, **family.kwargs, **overrides}, heads=heads,
                       pass_through_head_outputs=True)
 
 
@@ -45,26 +78,25 @@ def with_dens_fields(batch, mask: torch.Tensor, forces: torch.Tensor | None = No
     return b
 
 
-def test_plain_weights_are_initialised_exactly_as_in_a_plain_model(tiny_eqv2) -> None:
-    plain = build("equiformer_v2_backbone", tiny_eqv2, noise=False)
-    dens = build(DENS_BACKBONE, tiny_eqv2, noise=True)
+def test_plain_weights_are_initialised_exactly_as_in_a_plain_model(family) -> None:
+    plain = build(family, dens=False)
+    dens = build(family, dens=True)
     dens_state = dens.state_dict()
     for key, value in plain.state_dict().items():
         assert torch.equal(dens_state[key], value), key
     extra = set(dens_state) - set(plain.state_dict())
-    assert extra and all(k.startswith(("backbone.force_encoding.", "output_heads.denoise."))
-                         for k in extra)
+    assert extra and all(k.startswith(DENS_KEYS) for k in extra)
 
 
-def test_eval_outputs_equal_plain_equiformer_v2_with_same_weights(tiny_eqv2, oc20_batch) -> None:
-    plain = build("equiformer_v2_backbone", tiny_eqv2, noise=False, seed=1).eval()
-    dens = build(DENS_BACKBONE, tiny_eqv2, noise=True, seed=2).eval()
+def test_eval_outputs_equal_the_plain_model_with_same_weights(family, oc20_batch) -> None:
+    plain = build(family, dens=False, seed=1).eval()
+    dens = build(family, dens=True, seed=2).eval()
     result = dens.load_state_dict(plain.state_dict(), strict=False)
     assert not result.unexpected_keys
-    assert all(k.startswith(("backbone.force_encoding.", "output_heads.denoise."))
-               for k in result.missing_keys)
+    assert result.missing_keys and all(k.startswith(DENS_KEYS) for k in result.missing_keys)
     calls = []
     dens.output_heads["denoise"].force_block.register_forward_hook(lambda *a: calls.append(1))
+    dens.backbone.force_encoding.register_forward_hook(lambda *a: calls.append(2))
     mask = torch.ones(oc20_batch.natoms.sum(), dtype=torch.bool)
     for batch in (oc20_batch, with_dens_fields(oc20_batch, mask)):  # fields ignored in eval
         ref, out = run(plain, batch), run(dens, batch)
@@ -75,9 +107,9 @@ def test_eval_outputs_equal_plain_equiformer_v2_with_same_weights(tiny_eqv2, oc2
 
 
 def test_force_encoding_changes_training_outputs_only_through_corrupted_atoms(
-    tiny_eqv2, oc20_batch
+    family, oc20_batch
 ) -> None:
-    dens = build(DENS_BACKBONE, tiny_eqv2, noise=True).train()
+    dens = build(family, dens=True).train()
     n = int(oc20_batch.natoms.sum())
     none = torch.zeros(n, dtype=torch.bool)
     base = run(dens, with_dens_fields(oc20_batch, none))
@@ -97,8 +129,8 @@ def test_force_encoding_changes_training_outputs_only_through_corrupted_atoms(
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_rotation_equivariance_of_energy_forces_and_noise(tiny_eqv2, oc20_batch, seed) -> None:
-    dens = build(DENS_BACKBONE, tiny_eqv2, noise=True).train()
+def test_rotation_equivariance_of_energy_forces_and_noise(family, oc20_batch, seed) -> None:
+    dens = build(family, dens=True).train()
     rot = random_rotation(seed, torch.float32)
     n = int(oc20_batch.natoms.sum())
     mask = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
@@ -113,16 +145,14 @@ def test_rotation_equivariance_of_energy_forces_and_noise(tiny_eqv2, oc20_batch,
     assert_rotates(out_rot["noise"], out["noise"], rot)
 
 
-def test_dens_only_parameters_are_force_encoding_and_noise_head(tiny_eqv2) -> None:
-    dens = build(DENS_BACKBONE, tiny_eqv2, noise=True)
+def test_dens_only_parameters_are_force_encoding_and_noise_head(family) -> None:
+    dens = build(family, dens=True)
     names = {id(p): n for n, p in dens.named_parameters()}
     got = {names[id(p)] for p in dens_only_parameters(dens)}
-    expected = {n for n in names.values()
-                if n.startswith(("backbone.force_encoding.", "output_heads.denoise."))}
+    expected = {n for n in names.values() if n.startswith(DENS_KEYS)}
     assert got == expected and got
 
 
-def test_multi_resolution_is_refused_clearly(tiny_eqv2) -> None:
-    kwargs = {**tiny_eqv2, "lmax_list": [2, 3], "mmax_list": [2, 2]}
+def test_multi_resolution_is_refused_clearly(family) -> None:
     with pytest.raises(ValueError, match="lmax_list=\\[2, 3\\]"):
-        build(DENS_BACKBONE, kwargs, noise=True)
+        build(family, dens=True, lmax_list=[2, 3], mmax_list=[2, 2])
