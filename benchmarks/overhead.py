@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--phases", default="eval,train", help="comma-separated: eval,train")
     args = parser.parse_args()
 
     from fairchem_dens.config import DeNSConfig
@@ -107,16 +108,16 @@ def main() -> None:
 
     torch.set_num_threads(torch.get_num_threads())
     results = {}
-    for phase in ("eval", "train"):
+    for phase in args.phases.split(","):
         for m in (dens, plain):
             m.train(phase == "train")
-        ratios, t_dens, t_plain = [], [], []
+        ratios, controls, t_dens, t_plain = [], [], [], []
         for r in range(args.repeats + 1):  # first repeat is warm-up
-            pair = [("dens", dens), ("plain", plain)]
-            if r % 2:
-                pair.reverse()  # interleave the order
+            # A/A control: the plain model timed twice gives the noise floor of the ratio
+            runs = [("dens", dens), ("plain", plain), ("plain_again", plain)]
+            runs = runs[r % 3:] + runs[: r % 3]  # rotate the order
             times = {}
-            for name, m in pair:
+            for name, m in runs:
                 torch.manual_seed(r)
                 if phase == "eval":
                     times[name] = timed(lambda m=m: eval_pass(m))
@@ -126,17 +127,18 @@ def main() -> None:
                 t_dens.append(times["dens"])
                 t_plain.append(times["plain"])
                 ratios.append(times["dens"] / times["plain"])
+                controls.append(times["plain_again"] / times["plain"])
         q = statistics.quantiles(ratios, n=4)
         results[phase] = (statistics.median(ratios), q[0], q[2], statistics.median(t_dens),
-                          statistics.median(t_plain))
+                          statistics.median(t_plain), statistics.median(controls))
     n_frames = args.batches * args.batch_size
     print(f"\nmodel {args.model}, {n_frames} real OC20 frames per pass, {args.repeats} repeats, "
           f"{torch.get_num_threads()} threads")
-    for phase, (med, q1, q3, td, tp) in results.items():
-        what = "time ratio DeNS/plain" if phase == "train" else "eval time ratio DeNS/plain"
-        print(f"{phase:>5}: {what} median {med:.3f} (IQR {q1:.3f}-{q3:.3f}); "
-              f"DeNS {td:.3f} s, plain {tp:.3f} s per pass")
-    print(f"eval throughput DeNS/plain: {1 / results['eval'][0]:.3f}x")
+    for phase, (med, q1, q3, td, tp, aa) in results.items():
+        print(f"{phase:>5}: time ratio DeNS/plain median {med:.3f} (IQR {q1:.3f}-{q3:.3f}), "
+              f"A/A control plain/plain {aa:.3f}; DeNS {td:.3f} s, plain {tp:.3f} s per pass")
+    if "eval" in results:
+        print(f"eval throughput DeNS/plain: {1 / results['eval'][0]:.3f}x")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,6 @@ case "$what" in
     rc=$?
     [ "$rc" -eq 5 ] && { echo "pytest collected no tests" >&2; exit 1; }
     exit "$rc" ;;
-  lint) exec ruff check fairchem_dens tests scripts benchmarks 2>/dev/null || exec ruff check fairchem_dens tests ;;
+  lint) exec ruff check fairchem_dens tests scripts benchmarks ;;
   *) echo "usage: scripts/run.sh {demo|test|lint} [args]" >&2; exit 2 ;;
 esac

@@ -126,9 +126,9 @@ def demo_config(data_dir: Path, dens: dict | None, run_dir: Path, first_n: int |
                 **optim) -> dict:
     """The demo config (plain when ``dens`` is None) as a dict with data paths filled in,
     loaded through fairchem's own config loader (``includes`` resolved)."""
-    from fairchem.core.common.utils import load_config
-
     import shutil
+
+    from fairchem.core.common.utils import load_config
 
     name = "eqv2_dens_cpu.yml" if dens is not None else "eqv2_cpu.yml"
     config, _, _ = load_config(str(REPO / "configs/oc20/s2ef/demo" / name))

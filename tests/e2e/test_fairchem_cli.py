@@ -76,9 +76,9 @@ def test_dens_training_through_the_stock_cli(dens_run) -> None:
 
 
 def test_dens_checkpoint_predicts_s2ef_npz(dens_run, demo_lmdb) -> None:
-    import torch
-
     import shutil
+
+    import torch
 
     run, _ = dens_run
     ckpt = next(run.glob("checkpoints/*/checkpoint.pt"))

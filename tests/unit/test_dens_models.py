@@ -13,8 +13,9 @@ from fairchem.core.models.base import HydraModel
 
 from fairchem_dens.corruption import DENS_FORCES_KEY, DENS_MASK_KEY
 from fairchem_dens.models.dens import dens_only_parameters
-from tests.conftest import TINY_ESCN, TINY_EQV2
+from tests.conftest import TINY_EQV2, TINY_ESCN
 from tests.equivariance import assert_invariant, assert_rotates, random_rotation
+
 
 @dataclass(frozen=True)
 class Family:
