@@ -123,14 +123,14 @@ def demo_lmdb(tmp_path_factory) -> Path:
 
 
 def demo_config(data_dir: Path, dens: dict | None, run_dir: Path, first_n: int | None = None,
-                **optim) -> dict:
-    """The demo config (plain when ``dens`` is None) as a dict with data paths filled in,
-    loaded through fairchem's own config loader (``includes`` resolved)."""
+                model: str = "eqv2", **optim) -> dict:
+    """The demo config of ``model`` (eqv2 or escn; plain when ``dens`` is None) as a dict with
+    data paths filled in, loaded through fairchem's own config loader (``includes`` resolved)."""
     import shutil
 
     from fairchem.core.common.utils import load_config
 
-    name = "eqv2_dens_cpu.yml" if dens is not None else "eqv2_cpu.yml"
+    name = f"{model}_dens_cpu.yml" if dens is not None else f"{model}_cpu.yml"
     config, _, _ = load_config(str(REPO / "configs/oc20/s2ef/demo" / name))
     # a private copy: lmdb refuses to open one path twice in a process, and trainers of earlier
     # tests may still hold theirs

@@ -21,10 +21,12 @@ SMALL = [  # 16 real frames seen 10 times (learning shows within 40 steps); val 
     f"--dataset.train.first_n={4 * STEPS_PER_EPOCH}",
     "--dataset.val.first_n=8",
     f"--optim.max_epochs={EPOCHS}",
-    "--optim.lr_initial=0.002",
     "--optim.scheduler_params.warmup_epochs=1",
     "--print_every=1",
 ]
+# Within 40 CPU steps the tiny EquiformerV2 visibly fits 16 frames; the tiny eSCN does not (plain
+# eSCN neither: loss 31.0 -> 27.9 in the same budget), so its learning is checked in-process only.
+LEARNING = {"eqv2": {"lr": 0.002, "loss_drop": 0.2}, "escn": {"lr": 0.002, "loss_drop": None}}
 pytestmark = pytest.mark.slow
 
 
@@ -40,19 +42,21 @@ def train_losses(log: str) -> list[float]:
     return [float(x) for x in re.findall(r", loss: ([0-9.]+e[+-][0-9]+), lr:", log)]  # train lines
 
 
-@pytest.fixture(scope="module")
-def dens_run(demo_lmdb, tmp_path_factory) -> tuple[Path, str]:
-    run = tmp_path_factory.mktemp("dens_run")
-    log = fairchem("--mode", "train", "--config-yml", str(CONFIGS / "eqv2_dens_cpu.yml"), "--cpu",
-                   "--run-dir", str(run), "--identifier", "e2e", *data_overrides(demo_lmdb), *SMALL,
-                   cwd=run)
-    return run, log
+@pytest.fixture(scope="module", params=["eqv2", "escn"])
+def dens_run(request, demo_lmdb, tmp_path_factory) -> tuple[Path, str, str]:
+    """DeNS training of each backbone family through the stock CLI."""
+    config = str(CONFIGS / f"{request.param}_dens_cpu.yml")
+    run = tmp_path_factory.mktemp(f"dens_run_{request.param}")
+    log = fairchem("--mode", "train", "--config-yml", config, "--cpu", "--run-dir", str(run),
+                   "--identifier", "e2e", *data_overrides(demo_lmdb), *SMALL,
+                   f"--optim.lr_initial={LEARNING[request.param]['lr']}", cwd=run)
+    return run, log, request.param
 
 
 def test_stock_equiformer_v2_trains_and_validates(demo_lmdb, tmp_path) -> None:
     log = fairchem("--mode", "train", "--config-yml", str(CONFIGS / "eqv2_cpu.yml"), "--cpu",
                    "--run-dir", str(tmp_path), "--identifier", "plain", *data_overrides(demo_lmdb),
-                   *SMALL, cwd=tmp_path)
+                   *SMALL, "--optim.lr_initial=0.002", cwd=tmp_path)
     evaluations = parse_val_metrics(log)
     assert len(evaluations) == EPOCHS
     for m in evaluations:
@@ -62,10 +66,12 @@ def test_stock_equiformer_v2_trains_and_validates(demo_lmdb, tmp_path) -> None:
 
 
 def test_dens_training_through_the_stock_cli(dens_run) -> None:
-    run, log = dens_run
-    losses = np.array(train_losses(log)).reshape(EPOCHS, STEPS_PER_EPOCH)
-    by_epoch = losses.mean(1)  # the same 16 frames every epoch
-    assert by_epoch[-2:].mean() < 0.8 * by_epoch[:2].mean(), by_epoch
+    run, log, model = dens_run
+    by_epoch = np.array(train_losses(log)).reshape(EPOCHS, STEPS_PER_EPOCH).mean(1)
+    assert np.isfinite(by_epoch).all()
+    drop = LEARNING[model]["loss_drop"]  # the same 16 frames every epoch: learning shows
+    if drop is not None:
+        assert by_epoch[-2:].mean() < (1 - drop) * by_epoch[:2].mean(), by_epoch
     assert "denoising_noise_mae" in log  # DeNS metrics on corrupted atoms were logged
     evaluations = parse_val_metrics(log)
     assert len(evaluations) == EPOCHS
@@ -80,12 +86,12 @@ def test_dens_checkpoint_predicts_s2ef_npz(dens_run, demo_lmdb) -> None:
 
     import torch
 
-    run, _ = dens_run
+    run, _, model = dens_run
+    config = str(CONFIGS / f"{model}_dens_cpu.yml")
     ckpt = next(run.glob("checkpoints/*/checkpoint.pt"))
     # predict on the val frames; a copy, since lmdb cannot open the val path twice in a process
     test_split = Path(shutil.copytree(demo_lmdb / "val", run / "test_split"))
-    log = fairchem("--mode", "predict", "--config-yml", str(CONFIGS / "eqv2_dens_cpu.yml"),
-                   "--cpu", "--run-dir", str(run / "predict"), "--identifier", "pred",
+    log = fairchem("--mode", "predict", "--config-yml", config, "--cpu", "--run-dir", str(run / "predict"), "--identifier", "pred",
                    "--checkpoint", str(ckpt), *data_overrides(demo_lmdb),
                    f"--dataset.test.src={test_split}", cwd=run)
     files = list((run / "predict").glob("results/*/s2ef_predictions.npz"))

@@ -16,9 +16,10 @@ from tests.conftest import build_trainer, demo_config
 DENS = {"prob": 0.5, "corrupt_ratio": 0.5, "std": 0.1, "coefficient": 10}
 
 
-@pytest.fixture
-def trainer(demo_lmdb, tmp_path):
-    return build_trainer(demo_config(demo_lmdb, DENS, tmp_path, first_n=16))
+@pytest.fixture(params=["eqv2", "escn"])
+def trainer(request, demo_lmdb, tmp_path):
+    """The DeNS trainer on each backbone family: the loss and corruption path is shared."""
+    return build_trainer(demo_config(demo_lmdb, DENS, tmp_path, first_n=16, model=request.param))
 
 
 def first_batch(trainer):
