@@ -111,6 +111,15 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         help="comma-separated system ids (sids) for the test split (see --val-systems)",
     )
     parser.add_argument(
+        "--md-systems",
+        default=None,
+        type=Path,
+        metavar="FILE",
+        help="text file of system ids (one per line: 1000100 or OC20's random1000100) whose "
+        "frames come from MD: every entry gets an md attribute, 1 for these systems and 0 "
+        "otherwise, for optim.dens.skip_key: md (default: no md attribute)",
+    )
+    parser.add_argument(
         "--stride",
         type=int,
         default=1,
@@ -175,6 +184,7 @@ def run_convert(args: argparse.Namespace) -> int:
             seed=args.seed,
             val_systems=args.val_systems,
             test_systems=args.test_systems,
+            md_systems=args.md_systems,
             stride=args.stride,
             energy_unit=args.energy_unit,
             force_unit=args.force_unit,

@@ -124,11 +124,15 @@ def _convert_split(
 ) -> set[int]:
     """Write all frames of ``systems`` to ``writer``; return the atomic numbers seen."""
     elements: set[int] = set()
+    md_sids = None if options.md_systems is None else set(options.md_systems)
     for system in systems:
         frames = 0
+        md = None if md_sids is None else int(system.sid in md_sids)
+        if md is not None:
+            report[str(system.sid)]["md"] = md
         for fid, atoms in read_frames(system.path, options.stride):
             record = frame_record(atoms, system.path, fid, options)
-            writer.append(build_data(record, system.sid, fid))
+            writer.append(build_data(record, system.sid, fid, md=md))
             if train_stats is not None:
                 train_stats.add(record.atomic_numbers, record.energy, record.forces)
             if frames == 0:
@@ -245,8 +249,18 @@ def _summary(
         for name, found in elements.items()
         if name != "train"
     }
+    md_report = None
+    if options.md_systems is not None:
+        marked = [r for r in system_report.values() if r.get("md")]
+        md_report = {
+            "attribute": "md",
+            "listed_systems": len(options.md_systems),
+            "marked_systems": len(marked),
+            "marked_frames": int(sum(r.get("frames", 0) for r in marked)),
+        }
     return {
         "fairchem_dens_version": __version__,
+        "md_marking": md_report,
         "options": options.to_json(),
         "units": {"energy": "eV", "forces": "eV/Å", "positions": "Å"},
         "input_units": {"energy": options.energy_unit, "forces": options.force_unit},

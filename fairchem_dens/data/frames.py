@@ -203,7 +203,7 @@ def frame_record(atoms: Atoms, path: Path, fid: int, options: ConversionOptions)
     )
 
 
-def build_data(record: FrameRecord, sid: int, fid: int) -> Data:
+def build_data(record: FrameRecord, sid: int, fid: int, md: int | None = None) -> Data:
     """Build the S2EF ``Data`` entry with fairchem's ``AtomsToGraphs``.
 
     Returns
@@ -212,7 +212,8 @@ def build_data(record: FrameRecord, sid: int, fid: int) -> Data:
         ``atomic_numbers`` [N] float32, ``pos`` [N, 3] float32 Å (wrapped into the cell
         by AtomsToGraphs), ``cell`` [1, 3, 3] Å, ``pbc`` [1, 3] bool, ``natoms`` int,
         ``energy`` float eV, ``forces`` [N, 3] float32 eV/Å, ``fixed`` [N] int64,
-        ``tags`` [N] int64, ``sid`` int, ``fid`` int. No edges (``otf_graph: True``).
+        ``tags`` [N] int64, ``sid`` int, ``fid`` int, and ``md`` int (0/1) when ``md`` is
+        given. No edges (``otf_graph: True``).
     """
     from fairchem.core.preprocessing import AtomsToGraphs
 
@@ -233,4 +234,6 @@ def build_data(record: FrameRecord, sid: int, fid: int) -> Data:
     data.tags = data.tags.long()
     data.natoms = int(data.natoms)
     data.fid = int(fid)
+    if md is not None:
+        data.md = int(bool(md))
     return data

@@ -27,6 +27,7 @@ __all__ = [
     "SPLIT_NAMES",
     "check_disjoint_systems",
     "parse_split_fractions",
+    "parse_system_id_file",
     "parse_system_ids",
 ]
 
@@ -134,6 +135,40 @@ def parse_system_ids(text: str, option: str = "--val-systems") -> tuple[int, ...
         ) from err
 
 
+def parse_system_id_file(path: str | Path, option: str = "--md-systems") -> tuple[int, ...]:
+    """Read system ids from a text file: one id per line.
+
+    An id is an integer sid (``1000100``) or an OC20 system name (``random1000100``, as in
+    the first column of OC20's S2EF ``*.txt`` metadata files); anything after ``#`` and
+    anything after the first comma on a line is ignored, and so are blank lines, so an
+    OC20 metadata line ``random1000100,frame12,-1.23`` can be used as it is.
+
+    Returns
+    -------
+    tuple of int
+        The distinct ids, sorted.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as err:
+        raise ConversionError(f"{option} {path}: cannot read the file ({err})") from err
+    ids: set[int] = set()
+    for number, line in enumerate(lines, start=1):
+        item = line.split("#", 1)[0].split(",", 1)[0].strip()
+        if not item:
+            continue
+        digits = item[len("random"):] if item.startswith("random") else item
+        if not digits.isdigit():
+            raise ConversionError(
+                f"{option} {path}: line {number} {line.strip()!r} is not a system id; write "
+                "one integer sid (e.g. 1000100) or OC20 system name (e.g. random1000100) "
+                "per line"
+            )
+        ids.add(int(digits))
+    return tuple(sorted(ids))
+
+
 def check_disjoint_systems(val_systems: Iterable[int], test_systems: Iterable[int]) -> None:
     """Raise :class:`ConversionError` when a system id is in both val and test."""
     both = sorted(set(val_systems) & set(test_systems))
@@ -203,6 +238,15 @@ class ConversionOptions:
         every id names an input system is checked by :func:`convert` once the inputs are
         read. Use this to hold out systems whose elements all occur in train (the
         energy references of elements absent from train are 0 eV).
+    md_systems
+        ``None`` (the default): no ``md`` attribute is written. Otherwise the system ids
+        (integers, a comma-separated string, or the :class:`~pathlib.Path` of a file with one
+        id per line, see :func:`parse_system_id_file`) whose frames come from molecular
+        dynamics: every entry gets ``md = 1`` for these systems and ``md = 0`` for all
+        others, so that ``optim.dens.skip_key: md`` keeps DeNS from corrupting MD frames
+        (OC20 S2EF-All+MD, paper Appendix C). Ids that name no input system are allowed
+        (a list of all OC20 MD systems can be used for any subset); ``conversion.json``
+        counts the systems and frames marked.
     """
 
     inputs: list[str]
@@ -218,6 +262,7 @@ class ConversionOptions:
     overwrite: bool = False
     val_systems: tuple[int, ...] = ()
     test_systems: tuple[int, ...] = ()
+    md_systems: tuple[int, ...] | None = None
     energy_factor: float = field(init=False, default=1.0)
     force_factor: float = field(init=False, default=1.0)
 
@@ -227,6 +272,11 @@ class ConversionOptions:
         if not self.inputs:
             raise ConversionError("no inputs given: pass files, directories or globs")
         self._validate_split()
+        if self.md_systems is not None:
+            if isinstance(self.md_systems, Path):
+                self.md_systems = parse_system_id_file(self.md_systems)
+            else:
+                self.md_systems = _system_id_tuple(self.md_systems, "--md-systems")
         if int(self.stride) != self.stride or self.stride < 1:
             raise ConversionError(f"stride must be an integer >= 1, got {self.stride}")
         self.stride = int(self.stride)
@@ -278,4 +328,6 @@ class ConversionOptions:
         values["split"] = None if self.split is None else dict(zip(SPLIT_NAMES, self.split))
         values["val_systems"] = list(self.val_systems)
         values["test_systems"] = list(self.test_systems)
+        if self.md_systems is not None:
+            values["md_systems"] = list(self.md_systems)
         return values

@@ -1,0 +1,218 @@
+"""The paper / official-release configs (docs/configs.md): each full-size model has the paper's
+parameter count, the DeNS settings are the ones its comments cite, and each config, scaled down
+(1 block, small channels, lmax 2) on real OC20 frames, trains one step with a finite loss."""
+
+from __future__ import annotations
+
+import json
+import lzma
+import math
+import shutil
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+from fairchem.core.common.utils import load_config
+from fairchem.core.models.base import HydraModel
+
+from fairchem_dens.config import DeNSConfig
+from tests.conftest import DEMO_VAL_SYSTEMS, REPO, SHARED, build_trainer
+
+CONFIG_DIR = REPO / "configs"
+MD17_ETHANOL = SHARED / "data" / "md17_ethanol" / "ethanol_sampledata.xyz.xz"
+
+#: full-size config -> parameters the paper reports for its model (Table 1d: 89M / 52M,
+#: Section 4.1.2: 160M, Table 3: 127M).
+PAPER_PARAMS = {
+    "oc20/s2ef/2M/eqv2_dens_N@12_L@6_M@2_e12.yml": 89e6,
+    "oc20/s2ef/2M/eqv2_dens_N@12_L@6_M@2_e12_official.yml": 89e6,
+    "oc20/s2ef/2M/eqv2_dens_N@12_L@6_M@2_e20_paper.yml": 89e6,
+    "oc20/s2ef/2M/eqv2_dens_N@12_L@6_M@2_e30_paper.yml": 89e6,
+    "oc20/s2ef/2M/escn_dens_L@6_M@2_Lay@12_e20.yml": 52e6,
+    "oc20/s2ef/all_md/eqv2_dens_N@20_L@6_M@3_e2_paper.yml": 160e6,
+    "oc22/s2ef/eqv2_dens_N@18_L@6_M@2_e6_paper.yml": 127e6,
+    "oc22/s2ef/eqv2_dens_N@18_L@6_M@2_e6_official.yml": 127e6,
+}
+MD17 = "md17/eqv2_dens_ethanol.yml"
+
+#: DeNS settings each config must carry (paper Tables 1, 7, 8, 9 or the official release).
+EXPECTED_DENS = {
+    "oc20/s2ef/2M/eqv2_dens_N@12_L@6_M@2_e12.yml":
+        dict(prob=0.5, corrupt_ratio=1.0, std=None, std_high=0.5, coefficient=10,
+             selection="structure"),
+    "oc20/s2ef/2M/eqv2_dens_N@12_L@6_M@2_e20_paper.yml":
+        dict(prob=0.5, corrupt_ratio=1.0, std=None, std_high=0.75, coefficient=10,
+             selection="structure"),
+    "oc20/s2ef/2M/eqv2_dens_N@12_L@6_M@2_e30_paper.yml":
+        dict(prob=0.5, corrupt_ratio=1.0, std=None, std_high=0.75, coefficient=10,
+             selection="structure"),
+    "oc20/s2ef/2M/eqv2_dens_N@12_L@6_M@2_e12_official.yml":
+        dict(prob=0.5, corrupt_ratio=0.5, std=0.1, std_high=None, coefficient=10,
+             selection="batch"),
+    "oc20/s2ef/all_md/eqv2_dens_N@20_L@6_M@3_e2_paper.yml":
+        dict(prob=0.25, corrupt_ratio=1.0, std=None, std_high=0.75, coefficient=10,
+             selection="structure", skip_key="md"),
+    "oc22/s2ef/eqv2_dens_N@18_L@6_M@2_e6_paper.yml":
+        dict(prob=0.5, corrupt_ratio=0.5, std=None, std_high=0.5, coefficient=100,
+             selection="structure"),
+    "oc22/s2ef/eqv2_dens_N@18_L@6_M@2_e6_official.yml":
+        dict(prob=0.5, corrupt_ratio=0.5, std=0.15, std_high=None, coefficient=25,
+             selection="batch"),
+    MD17: dict(prob=0.25, corrupt_ratio=0.25, std=0.05, std_high=None, coefficient=5,
+               selection="structure"),
+}
+
+#: optimiser values of Tables 7 / 8 (lr, epochs, lambda_E, lambda_F, clip, drop path).
+EXPECTED_OPTIM = {
+    "oc20/s2ef/2M/eqv2_dens_N@12_L@6_M@2_e20_paper.yml": (4e-4, 20, 2, 100, 100, 0.05),
+    "oc20/s2ef/2M/eqv2_dens_N@12_L@6_M@2_e30_paper.yml": (4e-4, 30, 2, 100, 100, 0.05),
+    "oc20/s2ef/2M/eqv2_dens_N@12_L@6_M@2_e12_official.yml": (2e-4, 12, 2, 100, 100, 0.05),
+    "oc20/s2ef/all_md/eqv2_dens_N@20_L@6_M@3_e2_paper.yml": (4e-4, 2, 4, 100, 100, 0.1),
+    "oc22/s2ef/eqv2_dens_N@18_L@6_M@2_e6_paper.yml": (2e-4, 6, 4, 100, 50, 0.1),
+    "oc22/s2ef/eqv2_dens_N@18_L@6_M@2_e6_official.yml": (2e-4, 6, 4, 100, 50, 0.1),
+    MD17: (5e-4, 1500, 1, 80, 100, 0.0),
+}
+
+ALL = sorted({*PAPER_PARAMS, *EXPECTED_DENS})
+#: train systems of the bundled data marked as MD in the converted test data
+MD_SYSTEMS = (1000103, 1000120, 1000142, 1000167, 1000170, 1000193)
+
+
+def load(rel: str) -> dict:
+    config, _, duplicates_error = load_config(str(CONFIG_DIR / rel))
+    assert not duplicates_error
+    return config
+
+
+def test_every_paper_config_is_listed() -> None:
+    shipped = {str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.rglob("*.yml")
+               if p.name != "base.yml" and "demo" not in p.parts}
+    assert shipped == set(ALL)
+
+
+@lru_cache(maxsize=None)
+def _count(model_json: str) -> int:
+    model = json.loads(model_json)
+    assert model.pop("name") == "hydra"
+    return sum(p.numel() for p in HydraModel(**model).parameters())
+
+
+@pytest.mark.parametrize("rel", sorted(PAPER_PARAMS))
+def test_parameter_count_matches_the_paper(rel: str) -> None:
+    # Built for real on CPU (6-9 s each, no meta device: fairchem's GaussianSmearing calls
+    # .item() at construction); configs sharing an architecture share one build.
+    n = _count(json.dumps(load(rel)["model"], sort_keys=True))
+    expected = PAPER_PARAMS[rel]
+    assert abs(n - expected) <= 0.02 * expected, f"{rel}: {n / 1e6:.2f}M vs {expected / 1e6:.0f}M"
+
+
+@pytest.mark.parametrize("rel", sorted(EXPECTED_DENS))
+def test_dens_settings_are_the_cited_ones(rel: str) -> None:
+    config = load(rel)
+    dens = DeNSConfig.from_optim(config["optim"])
+    for key, value in EXPECTED_DENS[rel].items():
+        assert getattr(dens, key) == value, (rel, key)
+    if rel in EXPECTED_OPTIM:
+        lr, epochs, lam_e, lam_f, clip, drop_path = EXPECTED_OPTIM[rel]
+        optim = config["optim"]
+        assert (optim["lr_initial"], optim["max_epochs"], optim["clip_grad_norm"]) == (
+            lr, epochs, clip)
+        coeffs = {k: v["coefficient"] for entry in config["loss_functions"] for k, v in entry.items()}
+        assert coeffs == {"energy": lam_e, "forces": lam_f}
+        assert config["model"]["backbone"]["drop_path_rate"] == drop_path
+
+
+# ------------------------------------------------------------------ scaled-down training
+SMALL_EQV2 = dict(num_layers=1, sphere_channels=16, attn_hidden_channels=16, num_heads=2,
+                  attn_alpha_channels=8, attn_value_channels=4, ffn_hidden_channels=16,
+                  edge_channels=16, lmax_list=[2], mmax_list=[2], grid_resolution=8,
+                  num_sphere_samples=16, num_distance_basis=64, max_radius=6.0,
+                  max_neighbors=8, alpha_drop=0.0, drop_path_rate=0.0)
+SMALL_ESCN = dict(num_layers=1, sphere_channels=16, hidden_channels=16, lmax_list=[2],
+                  mmax_list=[2], num_sphere_samples=16, cutoff=6.0, max_neighbors=8)
+
+
+@pytest.fixture(scope="module")
+def oc20_md_lmdb(tmp_path_factory) -> Path:
+    """The bundled OC20 trajectories (every 40th frame) with six train systems marked MD."""
+    from fairchem_dens.data import ConversionOptions, convert, demo_data_dir
+
+    out = tmp_path_factory.mktemp("oc20_md")
+    convert(ConversionOptions(inputs=[str(demo_data_dir())], out_dir=out, stride=40,
+                              val_systems=DEMO_VAL_SYSTEMS, md_systems=MD_SYSTEMS))
+    return out
+
+
+@pytest.fixture(scope="module")
+def molecule_lmdb(tmp_path_factory, oc20_md_lmdb) -> Path:
+    """Ethanol (MD17 sample data, kcal/mol) cut into 3 files of 4 frames; OC20 without it."""
+    if not MD17_ETHANOL.exists():
+        return oc20_md_lmdb
+    from ase.io import read, write
+
+    from fairchem_dens.data import ConversionOptions, convert
+
+    folder = tmp_path_factory.mktemp("ethanol")
+    with lzma.open(MD17_ETHANOL, "rt") as handle:
+        frames = read(handle, index=":12", format="extxyz")
+    for chunk in range(3):
+        write(folder / f"ethanol_{chunk}.extxyz", frames[4 * chunk:4 * chunk + 4])
+    convert(ConversionOptions(inputs=[str(folder / "*.extxyz")], out_dir=folder / "lmdb",
+                              energy_unit="kcal/mol", val_systems=(2,)))
+    return folder / "lmdb"
+
+
+def scaled_config(rel: str, data_dir: Path, run_dir: Path) -> dict:
+    """``rel`` with a 1-block model and the converted test data (keys, references and
+    normalisers of the converter: its LMDBs need no key_mapping)."""
+    config = load(rel)
+    data = Path(shutil.copytree(data_dir, run_dir / "data"))  # lmdb: one open per path
+    train = config["dataset"]["train"]
+    train.pop("key_mapping", None)
+    train["src"] = str(data / "train")
+    train["transforms"] = {
+        "element_references": {"energy": {"file": str(data / "element_references.npz")}},
+        "normalizer": {key: {"file": str(data / f"{key}_normalizer.npz")}
+                       for key in ("energy", "forces")},
+    }
+    config["dataset"]["val"] = {"src": str(data / "val")}
+    backbone = config["model"]["backbone"]
+    backbone.update(SMALL_ESCN if "escn" in backbone["model"] else SMALL_EQV2)
+    config["optim"].update(batch_size=8, eval_batch_size=8, num_workers=0)
+    config["optim"].pop("load_balancing", None)
+    config["logger"] = "tensorboard"
+    config["run_dir"] = str(run_dir)
+    return config
+
+
+def dens_step(trainer, batch) -> int:
+    """First step whose DeNS draw corrupts some atom of ``batch`` (deterministic)."""
+    for step in range(1, 200):
+        trainer.step = step
+        if trainer._sample(batch).num_corrupted:
+            return step
+    raise AssertionError("no DeNS step found")
+
+
+@pytest.mark.parametrize("rel", ALL)
+def test_scaled_config_trains_one_step(rel: str, oc20_md_lmdb, molecule_lmdb, tmp_path) -> None:
+    data = molecule_lmdb if rel.startswith("md17") else oc20_md_lmdb
+    trainer = build_trainer(scaled_config(rel, data, tmp_path))
+    assert trainer.dens == DeNSConfig.from_optim(load(rel)["optim"])
+    batch = next(iter(trainer.train_loader))
+    trainer.model.train()
+    trainer.step = dens_step(trainer, batch)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    out = trainer._forward(batch)
+    step = trainer._dens_step
+    assert step.num_corrupted > 0
+    if trainer.dens.skip_key == "md":
+        md = batch.md.cpu().bool()
+        assert md.any() and not (step.selected.cpu() & md).any()  # MD frames never corrupted
+    loss = trainer._compute_loss(out, batch)
+    assert math.isfinite(loss.item())
+    trainer._backward(loss)
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert len(changed) > 0.5 * len(before)
+    assert any(f"output_heads.{trainer._noise_head}." in n for n in changed)  # denoising trained
