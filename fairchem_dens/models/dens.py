@@ -51,21 +51,19 @@ class DeNSBackboneMixin:
         seam.register_forward_pre_hook(self._add_force_encoding, with_kwargs=True)
 
     def forward(self, data: Batch) -> dict[str, Any]:
+        # Kept until the next forward (not cleared on return): with activation checkpointing the
+        # seam runs again during backward and must add the same encoding.
         self._dens_input = None
         if self.training and DENS_FORCES_KEY in data:
             if gp_utils.initialized():
                 raise NotImplementedError("DeNS force encoding does not support graph parallelism")
             self._dens_input = (data[DENS_FORCES_KEY], data[DENS_MASK_KEY])
-        try:
-            return super().forward(data)
-        finally:
-            self._dens_input = None
+        return super().forward(data)
 
     def _add_force_encoding(self, module: nn.Module, args: tuple, kwargs: dict):
-        if self._dens_input is None:
+        if self._dens_input is None or not self.training:
             return None
         forces, mask = self._dens_input
-        self._dens_input = None  # encode once per forward, even if the seam were called again
         x = copy.copy(args[0])  # shallow: the caller's embedding object is left untouched
         x.embedding = args[0].embedding + self.force_encoding(
             forces.to(x.embedding.dtype), mask

@@ -157,3 +157,20 @@ def test_dens_only_parameters_are_force_encoding_and_noise_head(family) -> None:
 def test_multi_resolution_is_refused_clearly(family) -> None:
     with pytest.raises(ValueError, match="lmax_list=\\[2, 3\\]"):
         build(family, dens=True, lmax_list=[2, 3], mmax_list=[2, 2])
+
+
+def test_activation_checkpointing_gives_the_same_gradients(family, oc20_batch) -> None:
+    """The seam runs again during backward under activation checkpointing; the force encoding
+    must be added again, identically."""
+    grads = []
+    for checkpointing in (False, True):
+        model = build(family, dens=True, activation_checkpoint=checkpointing).train()
+        mask = torch.zeros(int(oc20_batch.natoms.sum()), dtype=torch.bool)
+        mask[::3] = True
+        out = run(model, with_dens_fields(oc20_batch, mask))
+        (out["energy"].sum() + out["forces"].pow(2).sum() + out["noise"].pow(2).sum()).backward()
+        grads.append(model.backbone.force_encoding.linear.weight.grad.clone())
+        grads.append(model.backbone.sphere_embedding.weight.grad.clone())
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[2], rtol=1e-4, atol=1e-7)
+    assert torch.allclose(grads[1], grads[3], rtol=1e-4, atol=1e-7)
