@@ -23,6 +23,7 @@ __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 #: Registry of subcommands: add ``"package.module:register_function"`` to extend.
 SUBCOMMANDS: list[str] = [
     "fairchem_dens.data.cli:register",
+    "fairchem_dens.demo:register",
 ]
 
 

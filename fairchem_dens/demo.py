@@ -89,19 +89,20 @@ def train(model: str, variant: str, lmdb_dir: Path, out: Path, seed: int,
     return {"metrics": evaluations[-1], "minutes": (time.time() - start) / 60}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fairchem_dens.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "demo",
                         help="output directory (default: runs/demo)")
     parser.add_argument("--model", choices=("eqv2", "escn"), default="eqv2",
                         help="EquiformerV2 (default) or eSCN")
     parser.add_argument("--compare", action="store_true",
-                        help="also train the plain EquiformerV2 baseline and compare")
+                        help="also train the plain baseline (same model, seed, data order)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*",
                         help="extra fairchem overrides, e.g. --optim.max_epochs=2 (after --)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
     if not CONFIG_DIR.is_dir():
         raise SystemExit(f"demo configs not found at {CONFIG_DIR}: run from a fairchem-dens checkout")
 
@@ -128,6 +129,20 @@ def main(argv: list[str] | None = None) -> int:
         ratio = results["dens"]["metrics"]["forces_mae"] / results["plain"]["metrics"]["forces_mae"]
         print(f"force MAE ratio DeNS / plain: {ratio:.3f}")
     return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """``fairchem-dens demo``."""
+    parser = subparsers.add_parser(
+        "demo", help="train EquiformerV2/eSCN + DeNS on the bundled real OC20 data",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser).set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fairchem_dens.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    return run(add_arguments(parser).parse_args(argv))
 
 
 if __name__ == "__main__":
