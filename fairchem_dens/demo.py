@@ -51,7 +51,7 @@ def parse_val_metrics(log: str) -> list[dict[str, float]]:
     for line in log.splitlines():
         if "Evaluating on val" in line:
             pending = True
-        elif pending and "forces_mae" in line:
+        elif pending and "forces_mae" in line and "step:" not in line:  # not a train line
             results.append({k: float(v) for k, v in _METRIC.findall(line)})
             pending = False
     return results
