@@ -8,7 +8,7 @@ import json
 import lzma
 import math
 import shutil
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -39,28 +39,29 @@ MD17 = "md17/eqv2_dens_ethanol.yml"
 #: DeNS settings each config must carry (paper Tables 1, 7, 8, 9 or the official release).
 EXPECTED_DENS = {
     "oc20/s2ef/2M/eqv2_dens_N@12_L@6_M@2_e12.yml":
-        dict(prob=0.5, corrupt_ratio=1.0, std=None, std_high=0.5, coefficient=10,
-             selection="structure"),
+        {"prob": 0.5, "corrupt_ratio": 1.0, "std": None, "std_high": 0.5, "coefficient": 10,
+         "selection": "structure"},
     "oc20/s2ef/2M/eqv2_dens_N@12_L@6_M@2_e20_paper.yml":
-        dict(prob=0.5, corrupt_ratio=1.0, std=None, std_high=0.75, coefficient=10,
-             selection="structure"),
+        {"prob": 0.5, "corrupt_ratio": 1.0, "std": None, "std_high": 0.75, "coefficient": 10,
+         "selection": "structure"},
     "oc20/s2ef/2M/eqv2_dens_N@12_L@6_M@2_e30_paper.yml":
-        dict(prob=0.5, corrupt_ratio=1.0, std=None, std_high=0.75, coefficient=10,
-             selection="structure"),
+        {"prob": 0.5, "corrupt_ratio": 1.0, "std": None, "std_high": 0.75, "coefficient": 10,
+         "selection": "structure"},
     "oc20/s2ef/2M/eqv2_dens_N@12_L@6_M@2_e12_official.yml":
-        dict(prob=0.5, corrupt_ratio=0.5, std=0.1, std_high=None, coefficient=10,
-             selection="batch"),
+        {"prob": 0.5, "corrupt_ratio": 0.5, "std": 0.1, "std_high": None, "coefficient": 10,
+         "selection": "batch"},
     "oc20/s2ef/all_md/eqv2_dens_N@20_L@6_M@3_e2_paper.yml":
-        dict(prob=0.25, corrupt_ratio=1.0, std=None, std_high=0.75, coefficient=10,
-             selection="structure", skip_key="md"),
+        {"prob": 0.25, "corrupt_ratio": 1.0, "std": None, "std_high": 0.75, "coefficient": 10,
+         "selection": "structure", "skip_key": "md"},
     "oc22/s2ef/eqv2_dens_N@18_L@6_M@2_e6_paper.yml":
-        dict(prob=0.5, corrupt_ratio=0.5, std=None, std_high=0.5, coefficient=100,
-             selection="structure"),
+        {"prob": 0.5, "corrupt_ratio": 0.5, "std": None, "std_high": 0.5, "coefficient": 100,
+         "selection": "structure"},
     "oc22/s2ef/eqv2_dens_N@18_L@6_M@2_e6_official.yml":
-        dict(prob=0.5, corrupt_ratio=0.5, std=0.15, std_high=None, coefficient=25,
-             selection="batch"),
-    MD17: dict(prob=0.25, corrupt_ratio=0.25, std=0.05, std_high=None, coefficient=5,
-               selection="structure"),
+        {"prob": 0.5, "corrupt_ratio": 0.5, "std": 0.15, "std_high": None, "coefficient": 25,
+         "selection": "batch"},
+    MD17:
+        {"prob": 0.25, "corrupt_ratio": 0.25, "std": 0.05, "std_high": None, "coefficient": 5,
+         "selection": "structure"},
 }
 
 #: optimiser values of Tables 7 / 8 (lr, epochs, lambda_E, lambda_F, clip, drop path).
@@ -91,7 +92,7 @@ def test_every_paper_config_is_listed() -> None:
     assert shipped == set(ALL)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _count(model_json: str) -> int:
     model = json.loads(model_json)
     assert model.pop("name") == "hydra"
@@ -124,13 +125,17 @@ def test_dens_settings_are_the_cited_ones(rel: str) -> None:
 
 
 # ------------------------------------------------------------------ scaled-down training
-SMALL_EQV2 = dict(num_layers=1, sphere_channels=16, attn_hidden_channels=16, num_heads=2,
-                  attn_alpha_channels=8, attn_value_channels=4, ffn_hidden_channels=16,
-                  edge_channels=16, lmax_list=[2], mmax_list=[2], grid_resolution=8,
-                  num_sphere_samples=16, num_distance_basis=64, max_radius=6.0,
-                  max_neighbors=8, alpha_drop=0.0, drop_path_rate=0.0)
-SMALL_ESCN = dict(num_layers=1, sphere_channels=16, hidden_channels=16, lmax_list=[2],
-                  mmax_list=[2], num_sphere_samples=16, cutoff=6.0, max_neighbors=8)
+SMALL_EQV2 = {
+    "num_layers": 1, "sphere_channels": 16, "attn_hidden_channels": 16, "num_heads": 2,
+    "attn_alpha_channels": 8, "attn_value_channels": 4, "ffn_hidden_channels": 16,
+    "edge_channels": 16, "lmax_list": [2], "mmax_list": [2], "grid_resolution": 8,
+    "num_sphere_samples": 16, "num_distance_basis": 64, "max_radius": 6.0, "max_neighbors": 8,
+    "alpha_drop": 0.0, "drop_path_rate": 0.0,
+}
+SMALL_ESCN = {
+    "num_layers": 1, "sphere_channels": 16, "hidden_channels": 16, "lmax_list": [2],
+    "mmax_list": [2], "num_sphere_samples": 16, "cutoff": 6.0, "max_neighbors": 8,
+}
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +186,8 @@ def scaled_config(rel: str, data_dir: Path, run_dir: Path) -> dict:
     backbone.update(SMALL_ESCN if "escn" in backbone["model"] else SMALL_EQV2)
     config["optim"].update(batch_size=8, eval_batch_size=8, num_workers=0)
     config["optim"].pop("load_balancing", None)
+    # a few steps per epoch: fairchem's cosine schedule divides by int(warmup_epochs * steps)
+    config["optim"]["scheduler_params"]["warmup_epochs"] = 1
     config["logger"] = "tensorboard"
     config["run_dir"] = str(run_dir)
     return config
