@@ -5,8 +5,8 @@
 # The venv lives OUTSIDE the checkout, in $FAIRCHEM_DENS_ENV_ROOT (default
 # ~/.cache/fairchem-dens), keyed by a hash of the dependency pins (env/constraints.txt and the
 # [project] dependencies of pyproject.toml). An unchanged re-run only re-links this checkout
-# (`pip install --no-deps -e .`, a few seconds). A cold run takes ~30-40 min on 2 cores, most of
-# it compiling torch-scatter and torch-sparse from source.
+# (`pip install --no-deps -e .`, a few seconds). A cold run takes ~15-35 min on 2 cores, most of
+# it compiling torch-scatter and torch-sparse from source (measured: 16 min).
 #
 # Usage:  venv=$(scripts/setup_env.sh | tail -n 1)
 set -euo pipefail
@@ -49,7 +49,7 @@ if [ -f "$venv/.complete" ]; then
 fi
 
 t0=$(date +%s)
-say "no cached environment for key $key: building $venv (cold path, ~30-40 min on 2 cores)"
+say "no cached environment for key $key: building $venv (cold path, ~15-35 min on 2 cores; measured 16 min)"
 rm -rf "$venv"
 mkdir -p "$root"
 "$PY" -m venv "$venv"
@@ -62,7 +62,7 @@ say "step 1/4: pip, setuptools, wheel (<1 min)"
 say "step 2/4: torch 2.4.1 (CUDA build from PyPI, runs on CPU; ~3 GB, ~5 min)"
 "${pip[@]}" install "${pip_q[@]}" "${C[@]}" torch >&2
 
-say "step 3/4: torch-scatter (~9 min) and torch-sparse (~15-22 min), compiled against this torch"
+say "step 3/4: torch-scatter (~5-9 min) and torch-sparse (~9-22 min), compiled against this torch"
 say "          (--no-build-isolation --no-cache-dir: a cached wheel built for another torch fails with 'undefined symbol')"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}" FORCE_ONLY_CPU="${FORCE_ONLY_CPU:-1}"
 for ext in torch-scatter torch-sparse; do
