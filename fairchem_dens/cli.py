@@ -24,6 +24,7 @@ __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 SUBCOMMANDS: list[str] = [
     "fairchem_dens.data.cli:register",
     "fairchem_dens.demo:register",
+    "fairchem_dens.export:register",
 ]
 
 

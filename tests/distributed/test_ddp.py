@@ -1,0 +1,125 @@
+"""Two gloo ranks in-process (torch.multiprocessing): the DeNS loss is normalised by the global
+number of corrupted atoms, gradients average to the single-process mean, and a rank whose batch
+has no corrupted atom while the other's has does not hang or desynchronise DDP."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+COUNTS = {"uneven": (3, 5), "one_empty": (0, 4)}  # corrupted atoms on rank 0, rank 1
+
+
+def _init(rank: int, init_file: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(demo_lmdb, tmp_path_factory) -> list[dict]:
+    """Both ranks' results; a hang fails the requesting test through its timeout."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(str(tmp / "init"), str(demo_lmdb), str(tmp)), nprocs=WORLD)
+    return [torch.load(tmp / f"out.{r}") for r in range(WORLD)]
+
+
+def _all_atoms(counts: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    n = sum(counts)
+    return torch.randn(n, 3, generator=g), torch.randn(n, 3, generator=g)
+
+
+def _loss_checks(rank: int) -> dict:
+    from fairchem_dens.loss import ZeroSafeDDPLoss
+
+    results = {}
+    for case, counts in COUNTS.items():
+        pred_all, target_all = _all_atoms(counts)
+        lo = sum(counts[:rank])
+        pred = pred_all[lo:lo + counts[rank]].clone().requires_grad_(True)
+        target = target_all[lo:lo + counts[rank]]
+        loss = ZeroSafeDDPLoss("l2mae", "mean")(pred, target, natoms=None)
+        local_sum = (pred - target).norm(dim=-1).sum()
+        loss.backward()
+        # what DDP does with gradients: average them over ranks
+        grad = torch.zeros_like(pred_all)
+        grad[lo:lo + counts[rank]] = pred.grad
+        dist.all_reduce(grad)
+        grad /= WORLD
+        results[case] = {"loss": loss.detach(), "local_sum": local_sum.detach(), "grad": grad}
+    return results
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("case", sorted(COUNTS))
+def test_dens_loss_is_normalised_by_the_global_count(case, ddp_run) -> None:
+    counts = COUNTS[case]
+    res = [r["loss_checks"][case] for r in ddp_run]
+    total = sum(counts)
+    for r in range(WORLD):  # per rank: local sum * world / global count
+        assert torch.allclose(res[r]["loss"], res[r]["local_sum"] * WORLD / total)
+    pred_all, target_all = _all_atoms(counts)
+    pred_all.requires_grad_(True)
+    single = (pred_all - target_all).norm(dim=-1).mean()  # one process, mean over all atoms
+    single.backward()
+    assert torch.allclose(sum(x["loss"] for x in res) / WORLD, single.detach())
+    assert torch.allclose(res[0]["grad"], res[1]["grad"])
+    assert torch.allclose(res[0]["grad"], pred_all.grad, atol=1e-7)
+
+
+def _worker(rank: int, init_file: str, lmdb: str, run_dir: str) -> None:
+    """One process per rank (one spawn for both tests: starting ranks is the slow part)."""
+    from fairchem.core.common.utils import setup_imports
+
+    from tests.conftest import build_trainer, demo_config
+
+    setup_imports()
+    _init(rank, init_file)
+    loss_checks = _loss_checks(rank)
+    dens = {"prob": 0.5, "corrupt_ratio": 0.5, "std": 0.1, "coefficient": 10}
+    config = demo_config(Path(lmdb), dens, Path(run_dir) / f"rank{rank}", first_n=16,
+                         max_epochs=1, eval_every=1000)
+    trainer = build_trainer(config, seed=0)
+    assert isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel)
+    # rank 0 corrupts every structure, rank 1 (practically, and for this seed surely) none:
+    # DeNS stays enabled on both, so both take the DeNS code path every step
+    trainer.dens = dataclasses.replace(trainer.dens, prob=1.0 if rank == 0 else 1e-12)
+    corrupted, losses = [], []
+    sample, compute = trainer._sample, trainer._compute_loss
+
+    def recording_sample(batch):
+        c = sample(batch)
+        corrupted.append(c.num_corrupted)
+        return c
+
+    trainer._sample = recording_sample
+    trainer._compute_loss = lambda o, b: losses.append(compute(o, b)) or losses[-1]
+    trainer.train(disable_eval_tqdm=True)
+    params = torch.cat([p.detach().flatten() for p in trainer._unwrapped_model.parameters()])
+    gathered = [torch.zeros_like(params) for _ in range(WORLD)]
+    dist.all_gather(gathered, params)
+    torch.save({"corrupted": corrupted, "losses": [x.item() for x in losses],
+                "params": gathered, "step": trainer.step,
+                "loss_checks": loss_checks}, f"{run_dir}/out.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_rank_without_corrupted_atoms_neither_hangs_nor_desyncs(ddp_run) -> None:
+    res = ddp_run
+    assert res[0]["step"] == res[1]["step"] == 2  # 16 frames, 2 ranks x batch 4
+    assert len(res[0]["corrupted"]) == len(res[1]["corrupted"]) == 2
+    assert all(n > 0 for n in res[0]["corrupted"])
+    assert all(n == 0 for n in res[1]["corrupted"])
+    for r in range(WORLD):
+        assert all(torch.isfinite(torch.tensor(res[r]["losses"])))
+    p0, p1 = res[0]["params"]
+    assert torch.equal(p0, p1)  # both ranks hold identical parameters after 2 DDP steps
+    assert torch.equal(res[1]["params"][0], p0)

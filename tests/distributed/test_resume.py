@@ -1,0 +1,129 @@
+"""Preemption/resume exactness: a run killed after k steps and resumed from fairchem's periodic
+training-state checkpoint gives the same per-step losses and learning rates as the uninterrupted
+run (same seed), because the checkpoint carries the global RNG states that EquiformerV2's random
+edge-frame rolls draw from, and the loader realigns the LR scheduler that fairchem saves one step
+behind."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from fairchem_dens.rng import RNG_STATE_KEY
+from tests.conftest import demo_config
+
+DENS = {"prob": 0.5, "corrupt_ratio": 0.5, "std": 0.1, "coefficient": 10}
+# 2 steps of 4 structures per epoch, no validation, fairchem's periodic checkpoint every step
+KW = {"first_n": 8, "eval_every": 1000, "checkpoint_every": 1}
+
+
+def make_trainer(config: dict, seed: int = 3):
+    """As ``tests.conftest.build_trainer`` but not in debug mode, so ``save`` writes files."""
+    from fairchem.core.common.registry import registry
+
+    return registry.get_trainer_class(config["trainer"])(
+        task=config.get("task", {}), model=config["model"], outputs=config["outputs"],
+        dataset=config["dataset"], optimizer=config["optim"],
+        loss_functions=config["loss_functions"], evaluation_metrics=config["evaluation_metrics"],
+        identifier="resume", run_dir=config["run_dir"], is_debug=False, print_every=1000,
+        seed=seed, logger="tensorboard", local_rank=0, cpu=True, name="s2ef",
+    )
+
+
+class Killed(Exception):
+    """The training process dies (node failure, preemption) at the start of a step."""
+
+
+def record_losses(trainer, lrs: list[float] | None = None,
+                  kill_at: int | None = None) -> list[float]:
+    losses: list[torch.Tensor] = []
+    lrs = [] if lrs is None else lrs
+    compute = trainer._compute_loss
+
+    def recording(out, batch):
+        if trainer.step == kill_at:
+            raise Killed
+        lrs.append(trainer.scheduler.get_lr())
+        losses.append(compute(out, batch))
+        return losses[-1]
+
+    trainer._compute_loss = recording
+    with contextlib.suppress(Killed):
+        trainer.train(disable_eval_tqdm=True)
+    return [x.item() for x in losses]
+
+
+@pytest.mark.timeout(300)
+def test_resume_from_training_checkpoint_is_exact(demo_lmdb, tmp_path) -> None:
+    straight_lrs: list[float] = []
+    straight = record_losses(make_trainer(
+        demo_config(demo_lmdb, DENS, tmp_path / "straight", max_epochs=2, **KW)), straight_lrs)
+    assert len(straight) == 4
+
+    # the same run killed during step 3; resume from the checkpoint fairchem's loop wrote after
+    # step 2 (before that step's scheduler.step())
+    first = make_trainer(demo_config(demo_lmdb, DENS, tmp_path / "first", max_epochs=2, **KW))
+    head = record_losses(first, kill_at=3)
+    assert len(head) == 2
+    assert RNG_STATE_KEY not in first.config  # only in the files, not left in the live config
+    ckpt = next((tmp_path / "first").glob("checkpoints/*/checkpoint.pt"))
+    state = torch.load(ckpt, map_location="cpu")
+    assert state["step"] == 2 and RNG_STATE_KEY in state["config"]
+    assert state["scheduler"]["last_epoch"] == 1  # one behind: the loader catches up
+
+    resumed = make_trainer(demo_config(demo_lmdb, DENS, tmp_path / "resumed", max_epochs=2, **KW))
+    torch.manual_seed(1234)  # whatever the resuming process did before: the checkpoint rules
+    resumed.load_checkpoint(str(ckpt))
+    lrs: list[float] = []
+    tail = record_losses(resumed, lrs)
+    assert lrs == straight_lrs[2:]  # the LR schedule is not shifted by the resume
+    assert head + tail == straight  # bitwise: same floats, step for step
+
+    # the control: a stock checkpoint (no RNG states) resumes with different edge-frame rolls
+    del state["config"][RNG_STATE_KEY]
+    stock = make_trainer(demo_config(demo_lmdb, DENS, tmp_path / "stock", max_epochs=2, **KW))
+    stock.load_checkpoint(str(ckpt), checkpoint=state)
+    assert record_losses(stock) != tail
+
+
+def test_inference_load_leaves_the_generators_alone(demo_lmdb, tmp_path) -> None:
+    first = make_trainer(demo_config(demo_lmdb, DENS, tmp_path / "a", max_epochs=2, **KW))
+    ckpt = first.save(checkpoint_file="checkpoint.pt", training_state=True)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    first.load_checkpoint(ckpt, inference_only=True)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_preemption_during_a_save_leaves_a_complete_checkpoint(demo_lmdb, tmp_path,
+                                                                 monkeypatch) -> None:
+    """submitit's handler runs Runner.checkpoint (a nested save of the same file) while the loop
+    is in its own save, then exits the process: the file on disk must be the nested save's."""
+    import fairchem.core.trainers.base_trainer as base_trainer
+
+    trainer = make_trainer(demo_config(demo_lmdb, DENS, tmp_path / "t", max_epochs=1, **KW))
+    write = base_trainer.save_checkpoint
+    calls = []
+
+    def interrupted_write(state, checkpoint_dir, checkpoint_file):
+        calls.append(checkpoint_file)
+        if len(calls) > 1:  # the handler's save completes
+            return write(state, checkpoint_dir=checkpoint_dir, checkpoint_file=checkpoint_file)
+        with open(f"{checkpoint_dir}/{checkpoint_file}", "wb") as f:  # the loop's torch.save
+            f.write(b"PK\x03\x04 first records")
+            trainer.step = 7
+            trainer.save(checkpoint_file="checkpoint.pt", training_state=True)  # the handler
+            f.write(b"3 rest of the zip")  # what the loop's writer flushes while unwinding
+        raise SystemExit(-1)  # submitit exits after requeueing
+
+    monkeypatch.setattr(base_trainer, "save_checkpoint", interrupted_write)
+    trainer.step = 6
+    with pytest.raises(SystemExit):
+        trainer.save(checkpoint_file="checkpoint.pt", training_state=True)
+    ckpt_dir = trainer.config["cmd"]["checkpoint_dir"]
+    state = torch.load(f"{ckpt_dir}/checkpoint.pt", map_location="cpu")
+    assert state["step"] == 7 and RNG_STATE_KEY in state["config"]
+    assert RNG_STATE_KEY not in trainer.config

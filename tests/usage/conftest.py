@@ -1,0 +1,38 @@
+"""A tiny DeNS EquiformerV2 checkpoint trained once per session through the stock ``fairchem``
+CLI on the bundled real OC20 data (8 frames, one epoch), shared by the usage tests."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fairchem_dens.demo import data_overrides
+from tests.conftest import REPO
+
+CONFIGS = REPO / "configs" / "oc20" / "s2ef" / "demo"
+FAIRCHEM = Path(sys.executable).with_name("fairchem")
+
+
+def run(cmd: list[str], cwd: Path, timeout: int = 600) -> str:
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    return log
+
+
+@pytest.fixture(scope="session")
+def dens_ckpt(demo_lmdb, tmp_path_factory) -> dict[str, Path]:
+    """``checkpoint.pt`` (raw weights + EMA + training state) and ``best_checkpoint.pt`` (EMA
+    weights, fairchem's inference layout) of a one-epoch DeNS run, and the run's data."""
+    out = tmp_path_factory.mktemp("usage_run")
+    run([FAIRCHEM, "--mode", "train", "--config-yml", CONFIGS / "eqv2_dens_cpu.yml", "--cpu",
+         "--run-dir", out, "--identifier", "usage", *data_overrides(demo_lmdb),
+         "--dataset.train.first_n=8", "--dataset.val.first_n=4", "--optim.max_epochs=1",
+         "--optim.scheduler_params.warmup_epochs=1", "--optim.lr_initial=0.002"], cwd=out)
+    (ckpt,) = out.glob("checkpoints/*/checkpoint.pt")
+    return {"last": ckpt, "best": ckpt.with_name("best_checkpoint.pt"), "run": out,
+            "lmdb": demo_lmdb}
