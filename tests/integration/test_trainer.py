@@ -91,6 +91,11 @@ def test_training_metrics_include_denoising_on_corrupted_atoms(trainer) -> None:
     batch, out, c = mixed_step(trainer)
     metrics = trainer._compute_metrics(out, batch, trainer.evaluator, {})
     assert metrics["denoising_noise_mae"]["numel"] == 3 * c.num_corrupted
+    err = (out[NOISE_PRED_KEY][c.mask] - c.target[c.mask]).detach()
+    assert metrics["denoising_noise_mae"]["metric"] == pytest.approx(err.abs().mean().item())
+    assert metrics["denoising_noise_l2mae"]["metric"] == pytest.approx(
+        err.norm(dim=-1).mean().item())
+    assert metrics["denoising_noise_l2mae"]["numel"] == c.num_corrupted
     keep = (batch.fixed == 0) & ~c.mask
     assert metrics["forces_mae"]["numel"] == 3 * int(keep.sum())
 

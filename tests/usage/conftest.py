@@ -24,15 +24,21 @@ def run(cmd: list[str], cwd: Path, timeout: int = 600) -> str:
     return log
 
 
+def train_tiny(config_name: str, lmdb: Path, out: Path) -> Path:
+    """One epoch on 8 real frames through the stock CLI; returns its ``checkpoint.pt``."""
+    run([FAIRCHEM, "--mode", "train", "--config-yml", CONFIGS / config_name, "--cpu",
+         "--run-dir", out, "--identifier", Path(config_name).stem, *data_overrides(lmdb),
+         "--dataset.train.first_n=8", "--dataset.val.first_n=4", "--optim.max_epochs=1",
+         "--optim.scheduler_params.warmup_epochs=1", "--optim.lr_initial=0.002"], cwd=out)
+    (ckpt,) = out.glob("checkpoints/*/checkpoint.pt")
+    return ckpt
+
+
 @pytest.fixture(scope="session")
 def dens_ckpt(demo_lmdb, tmp_path_factory) -> dict[str, Path]:
     """``checkpoint.pt`` (raw weights + EMA + training state) and ``best_checkpoint.pt`` (EMA
     weights, fairchem's inference layout) of a one-epoch DeNS run, and the run's data."""
     out = tmp_path_factory.mktemp("usage_run")
-    run([FAIRCHEM, "--mode", "train", "--config-yml", CONFIGS / "eqv2_dens_cpu.yml", "--cpu",
-         "--run-dir", out, "--identifier", "usage", *data_overrides(demo_lmdb),
-         "--dataset.train.first_n=8", "--dataset.val.first_n=4", "--optim.max_epochs=1",
-         "--optim.scheduler_params.warmup_epochs=1", "--optim.lr_initial=0.002"], cwd=out)
-    (ckpt,) = out.glob("checkpoints/*/checkpoint.pt")
+    ckpt = train_tiny("eqv2_dens_cpu.yml", demo_lmdb, out)
     return {"last": ckpt, "best": ckpt.with_name("best_checkpoint.pt"), "run": out,
             "lmdb": demo_lmdb}

@@ -9,10 +9,9 @@ import logging
 import pytest
 import torch
 
-from fairchem_dens.demo import data_overrides
 from fairchem_dens.finetune import FineTuneError, adapt_plain_checkpoint, dens_only_keys
 from tests.conftest import build_trainer, demo_config
-from tests.usage.conftest import CONFIGS, FAIRCHEM, run
+from tests.usage.conftest import train_tiny
 
 pytestmark = pytest.mark.slow  # stock fairchem CLI subprocesses
 
@@ -21,13 +20,7 @@ DENS = {"prob": 0.5, "std": 0.05, "corrupt_ratio": 0.5, "coefficient": 10}
 
 @pytest.fixture(scope="module")
 def plain_ckpt(demo_lmdb, tmp_path_factory):
-    out = tmp_path_factory.mktemp("plain_run")
-    run([FAIRCHEM, "--mode", "train", "--config-yml", CONFIGS / "eqv2_cpu.yml", "--cpu",
-         "--run-dir", out, "--identifier", "plain", *data_overrides(demo_lmdb),
-         "--dataset.train.first_n=8", "--dataset.val.first_n=4", "--optim.max_epochs=1",
-         "--optim.scheduler_params.warmup_epochs=1", "--optim.lr_initial=0.002"], cwd=out)
-    (ckpt,) = out.glob("checkpoints/*/checkpoint.pt")
-    return ckpt
+    return train_tiny("eqv2_cpu.yml", demo_lmdb, tmp_path_factory.mktemp("plain_run"))
 
 
 def test_dens_trainer_fine_tunes_from_plain_checkpoint(plain_ckpt, demo_lmdb, tmp_path,
