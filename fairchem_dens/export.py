@@ -32,6 +32,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fairchem_dens.checkpoints import (
+    CheckpointMismatchError,
+    check_checkpoint_matches,
+    require_config,
+)
+
 __all__ = ["ExportError", "export_checkpoint", "export_file", "register"]
 
 PLAIN_TRAINER = "equiformerv2_forces"
@@ -82,9 +88,12 @@ def _plain_config(config: dict) -> tuple[dict, list[str]]:
     setup_imports()
     config = copy.deepcopy(config)
     model = config.get("model") or {}
-    if model.get("name") != "hydra" or "backbone" not in model:
-        raise ExportError(f"expected a fairchem Hydra model (model.name: hydra with a backbone), "
-                          f"got model.name={model.get('name')!r}")
+    if not isinstance(model, dict) or model.get("name") != "hydra" or "backbone" not in model:
+        name = model if isinstance(model, str) else model.get("name")
+        raise ExportError(f"not a DeNS model: the checkpoint's model is {name!r}, a legacy "
+                          "(non-Hydra) fairchem model without DeNS parts; DeNS checkpoints are "
+                          "Hydra models (model.name: hydra with a backbone). It is a plain "
+                          "fairchem checkpoint already: use it without exporting")
     backbone = model["backbone"]
     backbone_cls = registry.get_model_class(backbone["model"])
     if issubclass(backbone_cls, DeNSBackboneMixin):
@@ -95,7 +104,9 @@ def _plain_config(config: dict) -> tuple[dict, list[str]]:
         del model["heads"][name]
     if not issubclass(backbone_cls, DeNSBackboneMixin) and not noise:
         raise ExportError(f"not a DeNS model: backbone {backbone['model']!r} has no force "
-                          "encoding and model.heads has no DeNS noise head")
+                          "encoding and model.heads has no DeNS noise head. It is a plain "
+                          "fairchem checkpoint already: use it without exporting (export is for "
+                          "checkpoints of fairchem_dens.trainer.DenoisingForcesTrainer runs)")
     trainer = config.get("trainer")
     if trainer is not None and trainer.startswith("fairchem_dens."):
         config["trainer"] = PLAIN_TRAINER
@@ -124,9 +135,10 @@ def export_checkpoint(checkpoint: dict, ema: str = "apply") -> dict:
 
     if ema not in ("apply", "keep"):
         raise ExportError(f"ema must be 'apply' or 'keep', got {ema!r}")
-    for key in ("state_dict", "config"):
-        if key not in checkpoint:
-            raise ExportError(f"not a fairchem checkpoint: no '{key}' entry")
+    if "state_dict" not in checkpoint:
+        raise ExportError(f"not a fairchem checkpoint: no 'state_dict' entry (keys: "
+                          f"{sorted(checkpoint)})")
+    require_config(checkpoint, "the checkpoint to export")  # CheckpointMismatchError
     config, noise_heads = _plain_config(checkpoint["config"])
 
     with torch.random.fork_rng(devices=[]):  # building models must not move the caller's RNG
@@ -137,6 +149,8 @@ def export_checkpoint(checkpoint: dict, ema: str = "apply") -> dict:
     def is_dens(name: str) -> bool:
         return _strip(name).startswith(dens_prefixes)
 
+    # weights that do not fit the stored config: an error naming the cause
+    check_checkpoint_matches(checkpoint["config"]["model"], checkpoint, dens_model)
     state = checkpoint["state_dict"]
     expected = set(dens_model.state_dict())
     found = {_strip(k) for k in state}
@@ -214,7 +228,7 @@ def run_export(args: argparse.Namespace) -> int:
         return 2
     try:
         summary = export_file(args.checkpoint, args.output, ema=args.ema)
-    except (ExportError, FileNotFoundError) as err:
+    except (ExportError, CheckpointMismatchError, FileNotFoundError) as err:
         print(f"fairchem-dens export: error: {err}", file=sys.stderr)
         return 2
     removed = summary["removed_keys"]

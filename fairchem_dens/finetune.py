@@ -8,7 +8,8 @@ checkpoint into one the DeNS trainer loads strictly:
 * the DeNS-only weights keep the DeNS model's fresh initialisation, and are logged by name;
 * any other difference (a missing or unexpected key, a shape mismatch) is an error;
 * the EMA (if any) gets the fresh DeNS-only parameters inserted at their places in fairchem's
-  parameter order;
+  parameter order; a checkpoint without EMA (``best_checkpoint.pt``) starts the trainer's EMA
+  from the loaded weights (fairchem would otherwise switch EMA off for the run);
 * optimizer/scheduler state and the epoch/step counters are dropped: they index the plain
   parameters only, and fine-tuning starts its own schedule.
 
@@ -56,7 +57,8 @@ def adapt_plain_checkpoint(model: nn.Module, checkpoint: dict | None,
     """Return ``checkpoint`` ready for strict loading into the DeNS ``model`` (unwrapped).
 
     ``ema``: the trainer's ``ExponentialMovingAverage`` (or None); its presence only decides
-    whether a checkpoint EMA is adapted (fairchem ignores the checkpoint EMA without one).
+    whether a checkpoint EMA is adapted or, without one, started from the loaded weights
+    (fairchem ignores the checkpoint EMA when the trainer has none).
     Raises :class:`FineTuneError` on any mismatch other than the DeNS-only weights.
     """
     if checkpoint is None or "state_dict" not in checkpoint:
@@ -98,6 +100,15 @@ def adapt_plain_checkpoint(model: nn.Module, checkpoint: dict | None,
                               for n, p in named],
             "collected_params": [],
         }
+    elif ema is not None:
+        # no EMA in the checkpoint (best_checkpoint.pt, a converted legacy one): start the EMA
+        # from the loaded weights, where fairchem would switch the EMA off for the whole run
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        weights = out["state_dict"]
+        fresh = ema.state_dict()
+        out["ema"] = {**fresh, "collected_params": [],
+                      "num_updates": None if fresh.get("num_updates") is None else 0,
+                      "shadow_params": [weights[prefix + n].detach().clone() for n, _ in named]}
     elif "ema" in out:
         out["ema"] = None
 

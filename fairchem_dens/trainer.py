@@ -93,6 +93,10 @@ class DenoisingForcesTrainer(EquiformerV2ForcesTrainer):
         if checkpoint is None and os.path.isfile(checkpoint_path):
             map_location = torch.device("cpu") if self.cpu else self.device
             checkpoint = torch.load(checkpoint_path, map_location=map_location)
+        from fairchem_dens.checkpoints import prepare_checkpoint  # names mismatches; legacy EqV2
+
+        checkpoint = prepare_checkpoint(self._unwrapped_model, self.config["model"], checkpoint,
+                                        self.config.get("task", {}).get("strict_load", True))
         # a plain EquiformerV2/eSCN checkpoint: add fresh DeNS-only weights (logged), drop its
         # training state; a DeNS checkpoint passes through unchanged
         checkpoint = adapt_plain_checkpoint(self._unwrapped_model, checkpoint, self.ema)

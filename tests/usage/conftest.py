@@ -42,3 +42,12 @@ def dens_ckpt(demo_lmdb, tmp_path_factory) -> dict[str, Path]:
     ckpt = train_tiny("eqv2_dens_cpu.yml", demo_lmdb, out)
     return {"last": ckpt, "best": ckpt.with_name("best_checkpoint.pt"), "run": out,
             "lmdb": demo_lmdb}
+
+
+@pytest.fixture(scope="session")
+def dens_escn_ckpt(demo_lmdb, tmp_path_factory) -> dict[str, Path]:
+    """As ``dens_ckpt``, for eSCN + DeNS (escn_dens_cpu.yml)."""
+    out = tmp_path_factory.mktemp("usage_run_escn")
+    ckpt = train_tiny("escn_dens_cpu.yml", demo_lmdb, out)
+    return {"last": ckpt, "best": ckpt.with_name("best_checkpoint.pt"), "run": out,
+            "lmdb": demo_lmdb}

@@ -1,7 +1,8 @@
 """Using a DeNS checkpoint with fairchem's own tools, on real OC20 data:
 
 * ``fairchem --mode predict`` (the stock console script) and fairchem's ASE ``OCPCalculator``
-  agree to float precision, and the exported plain checkpoint predicts the same file;
+  agree to float precision (EquiformerV2 and eSCN + DeNS), and the exported plain checkpoint
+  predicts the same file;
 * an ASE relaxation driven by ``OCPCalculator`` on a real OC20 structure;
 * EvalAI files: ``s2ef_predictions.npz`` on the tutorial S2EF LMDB joined by fairchem's
   ``make_submission_file.py`` for the four OC20 splits, and IS2RE from ``--mode run-relaxations``
@@ -66,21 +67,25 @@ def copy_lmdb(src: Path, dst: Path) -> Path:
     return Path(shutil.copytree(src, dst))
 
 
-def test_predict_equals_ase_calculator_and_export(dens_ckpt, tmp_path) -> None:
+@pytest.mark.parametrize("model", ["eqv2", "escn"])
+def test_predict_equals_ase_calculator_and_export(model, request, tmp_path) -> None:
     from fairchem.core.common.data_parallel import data_list_collater
     from fairchem.core.common.relaxation.ase_utils import OCPCalculator, batch_to_atoms
     from fairchem.core.datasets import LmdbDataset
 
+    from fairchem_dens.trainer import DenoisingForcesTrainer
+
+    dens_ckpt = request.getfixturevalue({"eqv2": "dens_ckpt", "escn": "dens_escn_ckpt"}[model])
     lmdb, best = dens_ckpt["lmdb"], dens_ckpt["best"]
     test_src = copy_lmdb(lmdb / "val", tmp_path / "val")
     # real held-out OC20 frames one per batch, as the ASE calculator sees them; float32 files
     # (fairchem's default is float16)
     opts = ["--dataset.test.first_n=4", "--optim.eval_batch_size=1",
             "--task.prediction_dtype=float32"]
-    dens_npz = np.load(predict(CONFIGS / "eqv2_dens_cpu.yml", best, test_src, tmp_path / "p1",
+    dens_npz = np.load(predict(CONFIGS / f"{model}_dens_cpu.yml", best, test_src, tmp_path / "p1",
                                *opts, seeded=True, lmdb=lmdb))
     plain = export_file(best, tmp_path / "plain.pt") and tmp_path / "plain.pt"
-    plain_npz = np.load(predict(CONFIGS / "eqv2_cpu.yml", plain, test_src, tmp_path / "p2",
+    plain_npz = np.load(predict(CONFIGS / f"{model}_cpu.yml", plain, test_src, tmp_path / "p2",
                                 *opts, seeded=True, lmdb=lmdb))
     for key in ("energy", "forces", "ids"):  # the plain export writes the same file
         np.testing.assert_array_equal(dens_npz[key], plain_npz[key])
@@ -88,6 +93,9 @@ def test_predict_equals_ase_calculator_and_export(dens_ckpt, tmp_path) -> None:
     # the same frames through fairchem's ASE calculator on the DeNS checkpoint
     frames = LmdbDataset({"src": str(test_src)})
     calc = OCPCalculator(checkpoint_path=str(best), cpu=True, seed=0)
+    assert isinstance(calc.trainer, DenoisingForcesTrainer)
+    assert type(calc.trainer._unwrapped_model.backbone).__name__ == {
+        "eqv2": "DeNSEquiformerV2Backbone", "escn": "DeNSeSCNBackbone"}[model]
     energy, forces, ids = [], [], []
     for i in range(4):
         (atoms,) = batch_to_atoms(data_list_collater([frames[i]], otf_graph=True))
