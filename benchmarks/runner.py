@@ -1,0 +1,121 @@
+"""Run training jobs of the benchmarks through the stock ``fairchem --mode train`` console script.
+
+Each :class:`Run` is one subprocess with ``OMP_NUM_THREADS`` threads; :func:`execute_all` runs
+``jobs`` of them at a time (on 2 cores, two 1-thread runs beat one 2-thread run for these small
+models). A finished run stores ``result.json`` next to its log and is reused when the same
+command is asked for again, so an interrupted suite continues where it stopped.
+
+Validation runs every ``eval_every`` steps (fairchem evaluates when ``step % eval_every == 0``),
+so the k-th evaluation of a log is at step ``k * eval_every``: that gives the learning curves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fairchem_dens.demo import parse_val_metrics  # noqa: E402
+
+
+@dataclass
+class Run:
+    """One training job. ``overrides`` are fairchem command-line overrides (``--a.b=c``)."""
+
+    name: str
+    config: Path
+    out: Path
+    seed: int
+    overrides: list[str] = field(default_factory=list)
+    eval_every: int = 0  # steps between validations; required
+
+    def command(self) -> list[str]:
+        fairchem = Path(sys.executable).with_name("fairchem")
+        return [str(fairchem) if fairchem.exists() else "fairchem", "--mode", "train",
+                "--config-yml", str(self.config), "--cpu", "--run-dir", str(self.out),
+                "--identifier", self.name.replace("/", "_"), "--seed", str(self.seed),
+                f"--optim.eval_every={self.eval_every}", "--optim.checkpoint_every=-1",
+                *self.overrides]
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.command()).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Result:
+    """Validation metrics of one run at steps ``steps`` (EMA weights, fairchem's evaluator)."""
+
+    name: str
+    steps: list[int]
+    curve: list[dict[str, float]]
+    minutes: float
+    command: list[str]
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.curve[-1]
+
+
+def steps_per_epoch(num_frames: int, batch_size: int) -> int:
+    return math.ceil(num_frames / batch_size)
+
+
+def eval_interval(per_epoch: int, evals_per_epoch: int) -> int:
+    """Largest divisor of ``per_epoch`` not above ``per_epoch / evals_per_epoch``, so the last
+    step of every epoch is evaluated."""
+    target = max(per_epoch // max(evals_per_epoch, 1), 1)
+    return max(d for d in range(1, target + 1) if per_epoch % d == 0)
+
+
+def execute(run: Run, threads: int = 1, echo=print) -> Result:
+    """Run one job (or reuse its stored result); raises ``SystemExit`` with the log's tail on
+    failure."""
+    if run.eval_every < 1:
+        raise ValueError(f"run {run.name}: eval_every must be a positive number of steps")
+    run.out.mkdir(parents=True, exist_ok=True)
+    stored = run.out / "result.json"
+    if stored.exists():
+        data = json.loads(stored.read_text())
+        if data.get("key") == run.key():
+            data.pop("key")
+            echo(f"[reuse] {run.name} ({stored})")
+            return Result(**data)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    echo(f"[start] {run.name}: {' '.join(run.command())}")
+    start = time.time()
+    log_file = run.out / "train.log"
+    with log_file.open("w") as log:
+        proc = subprocess.run(run.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                              cwd=run.out, check=False)
+    minutes = (time.time() - start) / 60
+    text = log_file.read_text()
+    if proc.returncode != 0:
+        raise SystemExit(f"{run.name} failed (exit {proc.returncode}); log {log_file}:\n"
+                         f"{text[-3000:]}")
+    curve = parse_val_metrics(text)
+    if not curve:
+        raise SystemExit(f"{run.name}: no validation metrics in {log_file}")
+    result = Result(run.name, [run.eval_every * (k + 1) for k in range(len(curve))], curve,
+                    minutes, run.command())
+    stored.write_text(json.dumps({**asdict(result), "key": run.key()}, indent=1))
+    echo(f"[done] {run.name}: {minutes:.1f} min, final val force MAE "
+         f"{result.final['forces_mae']:.4f}")
+    return result
+
+
+def execute_all(runs: list[Run], jobs: int = 2, threads: int = 1) -> dict[str, Result]:
+    """Run ``runs`` with ``jobs`` at a time; results by run name."""
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        results = list(pool.map(lambda r: execute(r, threads), runs))
+    return {r.name: r for r in results}
