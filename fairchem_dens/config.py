@@ -15,6 +15,8 @@ from typing import Any, Literal
 import torch
 
 SELECTIONS = ("structure", "batch")
+# Values pre-training by denoising (``pretrain: true``) needs; unset keys default to them.
+PRETRAIN_FIXED = {"prob": 1.0, "corrupt_ratio": 1.0, "encode_forces": False}
 NORMALIZE_BY = ("sigma", "std_high")
 
 # Keys of the official DeNS code / fairchem's own port; we refuse them rather than guess.
@@ -55,6 +57,14 @@ class DeNSConfig:
     encode_forces: encode the original forces of corrupted atoms (paper default); ``False`` is
         the "no force encoding" ablation.
     forces_key: name of the forces target in ``outputs``/``loss_functions``.
+    pretrain: pre-training by denoising equilibrium structures (Zaidi et al. 2023): every
+        eligible atom of every structure is noised (``prob`` and ``corrupt_ratio`` are 1), no
+        forces are encoded, and the loss is ``coefficient * L_DeNS`` plus the energy term when
+        the data has energies; the forces term is dropped (the data need no forces).
+    positions_key: with ``pretrain``, the data attribute holding the equilibrium positions
+        (e.g. ``pos_relaxed`` of OC20 IS2RE LMDBs); they replace ``pos``. ``None``: ``pos``.
+    equilibrium_force_tol: with ``pretrain``, warn when the training structures carry forces of
+        mean magnitude above this (eV/Angstrom): they are then not equilibrium structures.
     """
 
     prob: float = 0.5
@@ -71,6 +81,9 @@ class DeNSConfig:
     skip_key: str | None = None
     encode_forces: bool = True
     forces_key: str = "forces"
+    pretrain: bool = False
+    positions_key: str | None = None
+    equilibrium_force_tol: float = 0.1
     _sigmas: tuple[float, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -95,9 +108,21 @@ class DeNSConfig:
             raise bad("selection", f"use one of {SELECTIONS}")
         if self.normalize_by not in NORMALIZE_BY:
             raise bad("normalize_by", f"use one of {NORMALIZE_BY}")
-        for key in ("all_atoms", "encode_forces"):
+        for key in ("all_atoms", "encode_forces", "pretrain"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "expected true or false")
+        if self.pretrain:
+            for key, value in PRETRAIN_FIXED.items():
+                if getattr(self, key) != value:
+                    raise bad(key, f"pre-training (pretrain: true) needs {key}={value}: it noises "
+                              "every eligible atom of every structure and has no forces to "
+                              f"encode; remove optim.dens.{key}")
+        if self.positions_key is not None and not self.pretrain:
+            raise bad("positions_key", "only pre-training (pretrain: true) reads other positions; "
+                      "DeNS needs the positions its force labels belong to")
+        if not (isinstance(self.equilibrium_force_tol, (int, float)) and
+                self.equilibrium_force_tol > 0):
+            raise bad("equilibrium_force_tol", "expected a positive number of eV/Angstrom")
         if (self.std is None) == (self.std_high is None):
             raise DeNSConfigError(
                 f"optim.dens needs exactly one noise setting, got std={self.std!r} and "
@@ -149,6 +174,8 @@ class DeNSConfig:
             raise DeNSConfigError(
                 f"optim.dens has unknown key(s) {unknown}; known keys are {sorted(known)}"
             )
+        if cfg.get("pretrain") is True:  # unset keys take the values pre-training needs
+            cfg = {**PRETRAIN_FIXED, **cfg}
         return cls(**cfg)
 
     @classmethod

@@ -39,7 +39,7 @@ from fairchem.core.models.equiformer_v2.trainers.forces_trainer import (
     EquiformerV2ForcesTrainer,
 )
 
-from fairchem_dens import rng
+from fairchem_dens import pretrain, rng
 from fairchem_dens.config import DeNSConfig, DeNSConfigError
 from fairchem_dens.corruption import (
     DENS_FORCES_KEY,
@@ -72,6 +72,10 @@ class DenoisingForcesTrainer(EquiformerV2ForcesTrainer):
         self._training_step = False
         self._noise_head: str | None = None
         self._dens_params: list[torch.nn.Parameter] = []
+        if not kwargs.get("inference_only", False):
+            pretrain.describe_finetune_config(kwargs.get("model", {}))
+        if self.dens is not None and self.dens.pretrain:
+            pretrain.check_pretrain_config(kwargs.get("dataset"))
         super().__init__(*args, **kwargs)
         # fairchem stores the task name here; only OCPCalculator reads it back, to pick the
         # trainer class of a checkpoint. Our dotted path lets it load DeNS checkpoints as they are.
@@ -100,6 +104,8 @@ class DenoisingForcesTrainer(EquiformerV2ForcesTrainer):
         # a plain EquiformerV2/eSCN checkpoint: add fresh DeNS-only weights (logged), drop its
         # training state; a DeNS checkpoint passes through unchanged
         checkpoint = adapt_plain_checkpoint(self._unwrapped_model, checkpoint, self.ema)
+        if not inference_only and pretrain.starts_fine_tuning(checkpoint, self.dens):
+            checkpoint = pretrain.drop_training_state(checkpoint)
         super().load_checkpoint(checkpoint_path, checkpoint, inference_only)
         rng_state = (checkpoint.get("config") or {}).get(rng.RNG_STATE_KEY)
         if rng_state is not None and not inference_only:
@@ -157,12 +163,14 @@ class DenoisingForcesTrainer(EquiformerV2ForcesTrainer):
 
     def _check_dens_setup(self) -> None:
         dens, key = self.dens, self.dens.forces_key
-        if key not in self.output_targets:
+        if dens.pretrain:
+            pretrain.check_equilibrium(self.train_dataset, dens)
+        elif key not in self.output_targets:
             raise DeNSConfigError(
                 f"optim.dens.forces_key={key!r} is not an output target; outputs has "
                 f"{sorted(self.output_targets)}. Set forces_key to the forces target's name."
             )
-        if self.output_targets[key].get("train_on_free_atoms") is not True:
+        elif self.output_targets[key].get("train_on_free_atoms") is not True:
             raise DeNSConfigError(
                 f"outputs.{key}.train_on_free_atoms must be true with DeNS: corrupted atoms are "
                 "left out of the forces loss through the free-atom mask (on data without fixed "
@@ -218,6 +226,8 @@ class DenoisingForcesTrainer(EquiformerV2ForcesTrainer):
         if not (self._training_step and self.dens.enabled):
             return super()._forward(batch)
 
+        if self.dens.positions_key is not None:
+            batch.pos = self._equilibrium_positions(batch)
         step = self._sample(batch)
         batch = batch.to(self.device)  # in place, as fairchem's _forward does
         self._dens_step = step.to(self.device)
@@ -237,9 +247,17 @@ class DenoisingForcesTrainer(EquiformerV2ForcesTrainer):
         out[NOISE_PRED_KEY] = head_out[model.output_heads[self._noise_head].output_name]
         return out
 
+    def _equilibrium_positions(self, batch) -> torch.Tensor:
+        key = self.dens.positions_key
+        if key not in batch:
+            raise DeNSConfigError(
+                f"optim.dens.positions_key={key!r} but the training data has no such attribute "
+                f"(batch keys: {sorted(batch.keys())}); OC20 IS2RE LMDBs call it 'pos_relaxed'")
+        return batch[key].to(batch.pos.dtype)
+
     def _sample(self, batch) -> Corruption:
         dens = self.dens
-        if dens.forces_key not in batch:
+        if dens.forces_key not in batch and not dens.pretrain:
             raise DeNSConfigError(
                 f"DeNS needs per-atom forces in the training data under '{dens.forces_key}', but "
                 f"the batch has {sorted(batch.keys())}. If your LMDB stores them under another "
@@ -290,7 +308,10 @@ class DenoisingForcesTrainer(EquiformerV2ForcesTrainer):
         if not self._training_step:
             return super()._compute_loss(out, batch)
         step = self._dens_step
-        loss = super()._compute_loss(out, self._uncorrupted_view(batch, step))
+        if self.dens.pretrain:
+            loss = self._label_loss(out, batch)
+        else:
+            loss = super()._compute_loss(out, self._uncorrupted_view(batch, step))
         # Zero-valued link to every DeNS-only parameter: DDP sees them used on every rank even
         # when this rank's batch has no corrupted atom (or DeNS is off), and gradients are exact.
         loss = loss + 0.0 * sum(p.sum() for p in self._dens_params)
@@ -303,8 +324,31 @@ class DenoisingForcesTrainer(EquiformerV2ForcesTrainer):
         denoising = self.dens_loss_fn(pred, target, natoms=batch.natoms)
         return loss + self.dens.coefficient * denoising
 
+    def _label_loss(self, out, batch) -> torch.Tensor:
+        """Pre-training: fairchem's loss terms for the labels the data have, forces excluded
+        (every eligible atom is noised); zero when there are none."""
+        kept = [(t, info) for t, info in self.loss_functions
+                if t != self.dens.forces_key and t in batch]
+        # zero-valued link to the outputs left out, so DDP sees their heads' parameters used
+        loss = sum((0.0 * out[t].sum() for t, _ in self.loss_functions
+                    if (t, _) not in kept and t in out), batch.pos.new_zeros(()))
+        if not kept:
+            return loss
+        all_terms, self.loss_functions = self.loss_functions, kept
+        try:
+            return loss + super()._compute_loss(out, batch)
+        finally:
+            self.loss_functions = all_terms
+
     def _compute_metrics(self, out, batch, evaluator, metrics=None):
         step = self._dens_step if self._training_step else None
+        if self._training_step and self.dens.pretrain:  # no S2EF labels to score
+            metrics = {} if metrics is None else metrics
+            if step is not None and step.num_corrupted > 0:
+                stats = denoising_metrics(out[NOISE_PRED_KEY][step.mask], step.target[step.mask])
+                for name, stat in stats.items():
+                    metrics = evaluator.update(name, stat, metrics)
+            return metrics
         if step is None or step.num_corrupted == 0:
             return super()._compute_metrics(out, batch, evaluator, metrics)
         plain_out = {k: v for k, v in out.items() if k != NOISE_PRED_KEY}
