@@ -3,8 +3,8 @@
 * ``oc20``: the 24 OC20 S2EF relaxation trajectories of ``../shared/data/oc20_s2ef_trajs.tar.xz``
   (3947 DFT frames, 33-185 atoms, slabs with fixed atoms), every 4th frame, split **by system**:
   the 4 validation systems below hold 180 frames, the 20 training systems 814.
-* ``oc20_last``: the last frame of each training trajectory (relaxed structures) for
-  denoising pre-training (issue 7); no validation split of its own.
+* ``oc20_relaxed``: the last (relaxed) frame of each of the 20 training trajectories, for
+  denoising pre-training (benchmarks/pretraining.py); no validation split of its own.
 * ``md17``: ``../shared/data/md17_ethanol`` (2000 MD frames of ethanol, kcal/mol), cut into 20
   time-contiguous chunks of 100 frames: chunks 0-9 train (1000 frames, as the paper's ~950),
   chunks 15-19 validation (500 frames); chunks in between are left out so validation frames are
@@ -79,18 +79,21 @@ def oc20(cache: Path = CACHE) -> Dataset:
     return Dataset("oc20", out, "oc20")
 
 
-def oc20_last_frames(cache: Path = CACHE) -> Path:
-    """Extxyz files holding the last (relaxed) frame of each OC20 training trajectory."""
+def oc20_relaxed(cache: Path = CACHE) -> Path:
+    """LMDB directory of the last (relaxed) frame of each of the 20 OC20 *training*
+    trajectories (validation systems left out), converted with energies and forces; for
+    denoising pre-training. Returns the converter's output directory (``train`` only)."""
     from ase.io import read, write
 
     trajs = _extract_oc20(cache / "raw")
-    out = cache / "raw" / "oc20_last_frames"
-    if not (out / ".complete").exists():
-        out.mkdir(parents=True, exist_ok=True)
+    frames = cache / "raw" / "oc20_last_frames"
+    if not (frames / ".complete").exists():
+        frames.mkdir(parents=True, exist_ok=True)
         for traj in sorted(trajs.glob("*.traj")):
-            write(out / f"{traj.stem}.extxyz", read(traj, index=-1))
-        (out / ".complete").touch()
-    return out
+            if int("".join(c for c in traj.stem if c.isdigit())) not in OC20_VAL_SYSTEMS:
+                write(frames / f"{traj.stem}.extxyz", read(traj, index=-1))
+        (frames / ".complete").touch()
+    return _convert(cache / "oc20_relaxed", inputs=[str(frames)], split=(1.0, 0.0, 0.0))
 
 
 def md17(cache: Path = CACHE) -> Dataset:

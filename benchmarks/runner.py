@@ -37,15 +37,15 @@ class Run:
     out: Path
     seed: int
     overrides: list[str] = field(default_factory=list)
-    eval_every: int = 0  # steps between validations; required
+    eval_every: int | None = None  # steps between validations; None: no validation split
 
     def command(self) -> list[str]:
         fairchem = Path(sys.executable).with_name("fairchem")
         return [str(fairchem) if fairchem.exists() else "fairchem", "--mode", "train",
                 "--config-yml", str(self.config), "--cpu", "--run-dir", str(self.out),
                 "--identifier", self.name.replace("/", "_"), "--seed", str(self.seed),
-                f"--optim.eval_every={self.eval_every}", "--optim.checkpoint_every=-1",
-                *self.overrides]
+                *([f"--optim.eval_every={self.eval_every}"] if self.eval_every else []),
+                "--optim.checkpoint_every=-1", *self.overrides]
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(self.command()).encode()).hexdigest()[:16]
@@ -80,7 +80,7 @@ def eval_interval(per_epoch: int, evals_per_epoch: int) -> int:
 def execute(run: Run, threads: int = 1, echo=print) -> Result:
     """Run one job (or reuse its stored result); raises ``SystemExit`` with the log's tail on
     failure."""
-    if run.eval_every < 1:
+    if run.eval_every is not None and run.eval_every < 1:
         raise ValueError(f"run {run.name}: eval_every must be a positive number of steps")
     run.out.mkdir(parents=True, exist_ok=True)
     stored = run.out / "result.json"
@@ -104,13 +104,13 @@ def execute(run: Run, threads: int = 1, echo=print) -> Result:
         raise SystemExit(f"{run.name} failed (exit {proc.returncode}); log {log_file}:\n"
                          f"{text[-3000:]}")
     curve = parse_val_metrics(text)
-    if not curve:
+    if run.eval_every and not curve:
         raise SystemExit(f"{run.name}: no validation metrics in {log_file}")
-    result = Result(run.name, [run.eval_every * (k + 1) for k in range(len(curve))], curve,
-                    minutes, run.command())
+    result = Result(run.name, [(run.eval_every or 0) * (k + 1) for k in range(len(curve))],
+                    curve, minutes, run.command())
     stored.write_text(json.dumps({**asdict(result), "key": run.key()}, indent=1))
-    echo(f"[done] {run.name}: {minutes:.1f} min, final val force MAE "
-         f"{result.final['forces_mae']:.4f}")
+    final = f", final val force MAE {result.final['forces_mae']:.4f}" if curve else ""
+    echo(f"[done] {run.name}: {minutes:.1f} min{final}")
     return result
 
 

@@ -176,6 +176,7 @@ class DenoisingForcesTrainer(EquiformerV2ForcesTrainer):
                 "left out of the forces loss through the free-atom mask (on data without fixed "
                 f"atoms this changes nothing). Set outputs.{key}.train_on_free_atoms: true."
             )
+        self._check_normalizers()
         model = self._unwrapped_model
         heads = noise_head_names(model)
         if dens.enabled and len(heads) != 1:
@@ -198,6 +199,19 @@ class DenoisingForcesTrainer(EquiformerV2ForcesTrainer):
             f"DeNS: {dens}; noise head '{self._noise_head}', "
             f"{sum(p.numel() for p in self._dens_params)} DeNS-only parameters"
         )
+
+    def _check_normalizers(self) -> None:
+        """A normaliser with rmsd ~0 (energy references fitted on no more compositions than
+        elements reproduce every training energy) would multiply that loss term by ~1e12."""
+        for target, _ in self.loss_functions:
+            norm = self.normalizers.get(target)
+            if norm is not None and float(norm.rmsd) < 1e-6:
+                raise DeNSConfigError(
+                    f"the '{target}' normalizer has rmsd {float(norm.rmsd):.3g}: divided by it, "
+                    f"the {target} loss term is meaningless (for energy: the element references "
+                    "reproduce every training energy, which happens with no more training "
+                    "compositions than elements). Add training structures, or remove the "
+                    f"'{target}' entry from loss_functions (and its normalizer).")
 
     def load_loss(self) -> None:
         super().load_loss()
@@ -329,9 +343,12 @@ class DenoisingForcesTrainer(EquiformerV2ForcesTrainer):
         (every eligible atom is noised); zero when there are none."""
         kept = [(t, info) for t, info in self.loss_functions
                 if t != self.dens.forces_key and t in batch]
-        # zero-valued link to the outputs left out, so DDP sees their heads' parameters used
-        loss = sum((0.0 * out[t].sum() for t, _ in self.loss_functions
-                    if (t, _) not in kept and t in out), batch.pos.new_zeros(()))
+        # zero-valued link to every output left out (heads without a loss term here), so DDP
+        # sees all parameters used
+        names = {t for t, _ in kept} | {NOISE_PRED_KEY}
+        loss = sum((0.0 * value.sum() for key, value in out.items()
+                    if key not in names and torch.is_tensor(value) and value.requires_grad),
+                   batch.pos.new_zeros(()))
         if not kept:
             return loss
         all_terms, self.loss_functions = self.loss_functions, kept

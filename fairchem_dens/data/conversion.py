@@ -104,6 +104,11 @@ class _Staging:
                 directory.rmdir()  # only succeeds while empty
 
 
+#: Residual energy std (eV) below which the energy normaliser is degenerate: the references
+#: interpolate the training energies (no more compositions than elements, one frame each).
+DEGENERATE_ENERGY_RMSD = 1e-6
+
+
 def _check_existing(out_dir: Path, overwrite: bool) -> None:
     existing = [out_dir / name for name in _TOP_LEVEL_OUTPUTS]
     existing += [out_dir / split / LMDB_NAME for split in SPLIT_NAMES]
@@ -212,6 +217,13 @@ def convert(options: ConversionOptions, log: Callable[[str], None] | None = None
             }
             say(f"{name}: {len(split_sids[name])} systems, {len(writer)} frames")
         fit = stats.fit()
+        if fit["energy_rmsd"] < DEGENERATE_ENERGY_RMSD and fit["num_frames"] > 1:
+            say(f"WARNING: the per-element energy references reproduce every training energy "
+                f"(residual std {fit['energy_rmsd']:.2e} eV over {fit['num_frames']} frames of "
+                f"{fit['num_compositions']} compositions): energy_normalizer.npz would scale "
+                "energies by ~1/0, and fairchem-dens' trainer refuses it. Energy cannot be "
+                "learned from these structures alone: add training structures, or train "
+                "without the energy loss term (e.g. denoising-only pre-training).")
         write_reference_files(
             fit,
             {role: staging.temp_for(out_dir / file) for role, file in _REFERENCE_FILES},
@@ -290,5 +302,6 @@ def _summary(
             "forces": {"file": FORCES_NORMALIZER_FILE, "mean": 0.0, "rmsd": fit["forces_rmsd"]},
         },
         "elements_missing_from_train": unseen,
+        "energy_normalizer_degenerate": fit["energy_rmsd"] < DEGENERATE_ENERGY_RMSD,
         "config_snippet": config_snippet(options.out_dir, list(split_report)),
     }

@@ -23,14 +23,15 @@ IS2RE = SHARED / "data" / "oc20_tutorial_lmdb" / "is2re" / "val_20"
 
 @pytest.fixture(scope="session")
 def relaxed_lmdb(tmp_path_factory):
-    """The last (relaxed) frame of each bundled OC20 trajectory, converted by the converter
-    (train = all 14 structures; energies and forces kept)."""
+    """The last two (relaxed) frames of each bundled OC20 trajectory (the bundled files hold
+    every 2nd frame), converted by the converter (train = all 28 structures; energies and forces
+    kept; two frames per composition keep the energy normaliser non-degenerate)."""
     from fairchem_dens.data import ConversionOptions, convert
 
     frames = tmp_path_factory.mktemp("last_frames")
     for path in sorted(DEMO_DIR.glob("*.extxyz.xz")):
         with lzma.open(path, "rt") as f:
-            write(frames / path.name.replace(".xz", ""), read(f, index=-1, format="extxyz"))
+            write(frames / path.name.replace(".xz", ""), read(f, index="-2:", format="extxyz"))
     out = tmp_path_factory.mktemp("relaxed_lmdb")
     convert(ConversionOptions(inputs=[str(frames)], out_dir=out, split=(1.0, 0.0, 0.0),
                               overwrite=True))
@@ -132,7 +133,7 @@ def test_warns_with_measured_forces_on_non_equilibrium_data(demo_lmdb, relaxed_l
         build_trainer(pretrain_config(relaxed_lmdb, tmp_path / "b"))
     assert not [r for r in caplog.records if "not equilibrium" in r.getMessage()]
     (line,) = (r.getMessage() for r in caplog.records if "(equilibrium)" in r.getMessage())
-    assert float(line.split("mean |F| = ")[1].split()[0]) < 0.05  # OC20 relaxed: fmax 0.05
+    assert float(line.split("mean |F| = ")[1].split()[0]) < 0.05  # OC20 relaxations: fmax 0.05
 
 
 def test_validation_split_is_refused(relaxed_lmdb, demo_lmdb, tmp_path):
@@ -140,3 +141,22 @@ def test_validation_split_is_refused(relaxed_lmdb, demo_lmdb, tmp_path):
     config["dataset"]["val"]["src"] = str(demo_lmdb / "val")
     with pytest.raises(DeNSConfigError, match="dataset.val"):
         build_trainer(config)
+
+
+def test_degenerate_energy_normalizer_is_flagged_and_refused(tmp_path):
+    """One relaxed frame per system: the element references interpolate every training energy,
+    so the energy normaliser's rmsd is ~0; the converter warns and the trainer refuses."""
+    from fairchem_dens.data import ConversionOptions, convert
+
+    frames = tmp_path / "last"
+    frames.mkdir()
+    for path in sorted(DEMO_DIR.glob("*.extxyz.xz")):
+        with lzma.open(path, "rt") as f:
+            write(frames / path.name.replace(".xz", ""), read(f, index=-1, format="extxyz"))
+    said = []
+    summary = convert(ConversionOptions(inputs=[str(frames)], out_dir=tmp_path / "lmdb",
+                                        split=(1.0, 0.0, 0.0)), log=said.append)
+    assert summary["energy_normalizer_degenerate"] is True
+    assert any("reproduce every training energy" in line for line in said)
+    with pytest.raises(DeNSConfigError, match="'energy' normalizer has rmsd"):
+        build_trainer(pretrain_config(tmp_path / "lmdb", tmp_path / "run"))

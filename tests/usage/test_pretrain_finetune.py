@@ -24,7 +24,7 @@ FINETUNE_YML = REPO / "configs" / "oc20" / "s2ef" / "demo" / "eqv2_dens_finetune
 
 @pytest.fixture(scope="module")
 def pretrained(relaxed_lmdb, tmp_path_factory):  # noqa: F811
-    """``checkpoint.pt`` of 3 epochs (12 steps) of denoising pre-training on the 14 relaxed structures."""
+    """``checkpoint.pt`` of 3 epochs (21 steps) of denoising pre-training on 28 relaxed structures."""
     out = tmp_path_factory.mktemp("pretrain_run")
     log = run([FAIRCHEM, "--mode", "train", "--config-yml", PRETRAIN_YML, "--cpu",
                "--run-dir", out, "--identifier", "pretrain", *data_overrides(relaxed_lmdb)[:-1],
