@@ -174,8 +174,8 @@ def test_s2ef_submission_from_tutorial_lmdb(dens_ckpt, tmp_path) -> None:
 
 def test_is2re_submission_from_ase_relaxations(dens_ckpt, tmp_path) -> None:
     """IS2RE by relaxation through ASE: one ``<sid>.traj`` per system, joined by
-    ``make_submission_file.py --is2re-relaxations`` (the route that works with fairchem 1.10
-    and ASE >= 3.2x, where ``--mode run-relaxations`` fails, see the next test)."""
+    ``make_submission_file.py --is2re-relaxations`` (the same submission route as
+    ``--mode run-relaxations``, next test, with any ASE optimizer)."""
     from ase.io import Trajectory, read
     from ase.optimize import BFGS
     from fairchem.core.common.data_parallel import data_list_collater
@@ -209,11 +209,15 @@ def test_is2re_submission_from_ase_relaxations(dens_ckpt, tmp_path) -> None:
     assert sub["id_energy"][i] == pytest.approx(last.get_potential_energy())
 
 
-@pytest.mark.xfail(raises=AssertionError, strict=False,
-                   reason="fairchem 1.10's OptimizableBatch is abstract under ASE >= 3.26 (3.29 "
-                   "here): --mode run-relaxations fails for plain and DeNS models alike; with "
-                   "ASE 3.25 it runs but writes empty trajectories (checked by hand)")
-def test_run_relaxations_mode(dens_ckpt, tmp_path) -> None:
+def test_run_relaxations_mode_to_is2re_submission(dens_ckpt, tmp_path) -> None:
+    """``fairchem --mode run-relaxations`` with a DeNS checkpoint on the real IS2RE LMDB (20
+    initial structures, 3 LBFGS steps each) writes one ``<sid>.traj`` per system, which
+    ``make_submission_file.py --is2re-relaxations`` turns into an IS2RE submission. Needs ASE
+    < 3.26 (fairchem 1.10's OptimizableBatch is abstract under newer ASE; pinned in
+    pyproject.toml). fmax 0: the one-epoch test model predicts forces below any useful fmax,
+    which would end every relaxation before its first step (and write empty trajectories)."""
+    from ase.io import read
+
     relax_src = copy_lmdb(TUTORIAL / "is2re" / "val_20", tmp_path / "is2re")
     traj_dir = tmp_path / "trajs"
     (tmp_path / "r").mkdir()
@@ -221,8 +225,23 @@ def test_run_relaxations_mode(dens_ckpt, tmp_path) -> None:
          CONFIGS / "eqv2_dens_cpu.yml", "--cpu", "--run-dir", tmp_path / "r",
          "--identifier", "relax", "--checkpoint", dens_ckpt["best"],
          *data_overrides(dens_ckpt["lmdb"]), f"--dataset.relax.src={relax_src}",
-         "--dataset.relax.use_train_settings=False", "--dataset.relax.first_n=2",
+         "--dataset.relax.use_train_settings=False",
          "--dataset.relax.key_mapping.y_relaxed=energy_relaxed",
-         "--task.relaxation_steps=3", "--task.relaxation_fmax=0.05",
+         "--task.relaxation_steps=3", "--task.relaxation_fmax=0.0",
          f"--task.relax_opt.traj_dir={traj_dir}", NO_METADATA], cwd=tmp_path)
-    assert len(list(traj_dir.glob("*.traj"))) == 2
+    trajs = sorted(traj_dir.glob("*.traj"))
+    assert len(trajs) == 20
+    frames = read(trajs[0], index=":")
+    assert len(frames) == 4  # initial + 3 steps
+    assert not np.allclose(frames[0].positions, frames[-1].positions)
+
+    out = tmp_path / "is2re_submission.npz"
+    run([sys.executable, SUBMISSION_SCRIPT, "--is2re-relaxations",
+         *(f"--{s.replace('_', '-')}={traj_dir}" for s in SPLITS), f"--out-path={out}"],
+        cwd=tmp_path)
+    sub = np.load(out)
+    sids = sorted(t.stem for t in trajs)
+    for s in SPLITS:
+        assert sorted(sub[f"{s}_ids"]) == sids and np.isfinite(sub[f"{s}_energy"]).all()
+    i = list(sub["id_ids"]).index(trajs[0].stem)
+    assert sub["id_energy"][i] == pytest.approx(frames[-1].get_potential_energy())
