@@ -10,8 +10,9 @@ runs several times per epoch, giving learning curves.
 
 Suites::
 
-    python benchmarks/accuracy.py --quick      # smoke check, < 5 min: OC20, 1 seed, 1 epoch
+    python benchmarks/accuracy.py --quick      # smoke check, < 5 min: OC20, 1 seed, 40 steps
     python benchmarks/accuracy.py              # the full suite (BENCHMARKS.md), ~60 min on 2 cores
+    python benchmarks/accuracy.py --suite regime  # MD17, 200 training frames, 40 epochs
 
 Full suite: OC20 trajectories split by system (benchmarks/datasets.py), plain vs DeNS with 3
 seeds, plus one-seed ablations (no force encoding; multi-scale sigma normalised by sigma and by
@@ -97,6 +98,10 @@ SUITES = {
     "full": Suite("full", {"md17": 8, "oc20": 2}, (0, 1, 2),
                   {"md17": (PLAIN, DENS), "oc20": (PLAIN, DENS)},
                   {"oc20": OC20_ABLATIONS}),
+    # data-limited regime: 200 MD17 training frames (2 chunks), 40 epochs = 1000 steps
+    "regime": Suite("regime", {"md17": 40}, (0, 1), {"md17": (PLAIN, DENS)},
+                    evals_per_epoch={"md17": 1},
+                    extra={"md17": ("--dataset.train.first_n=200",)}),
 }
 
 
@@ -211,13 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke check (< 5 min)")
+    parser.add_argument("--suite", choices=sorted(SUITES), default="full",
+                        help="full (default), quick (= --quick) or regime (MD17 with 200 "
+                        "training frames, 40 epochs: DeNS as a regulariser when data are few)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="threads per run (default 1)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "benchmarks" / "accuracy")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
 
-    suite = SUITES["quick" if args.quick else "full"]
+    suite = SUITES["quick" if args.quick else args.suite]
     start = time.time()
     runs, _ = plan(suite, args.out / suite.name)
     print(f"{suite.name} suite: {len(runs)} runs, {args.jobs} at a time", flush=True)
