@@ -91,7 +91,8 @@ def oc20_relaxed(cache: Path = CACHE) -> Path:
         frames.mkdir(parents=True, exist_ok=True)
         for traj in sorted(trajs.glob("*.traj")):
             if int("".join(c for c in traj.stem if c.isdigit())) not in OC20_VAL_SYSTEMS:
-                write(frames / f"{traj.stem}.extxyz", read(traj, index=-1))
+                # .traj keeps the fixed atoms with any ASE (ASE 3.25's extxyz writer drops them)
+                write(frames / f"{traj.stem}.traj", read(traj, index=-1))
         (frames / ".complete").touch()
     return _convert(cache / "oc20_relaxed", inputs=[str(frames)], split=(1.0, 0.0, 0.0))
 
