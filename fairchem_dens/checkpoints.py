@@ -180,6 +180,17 @@ def check_checkpoint_matches(config_model: dict, checkpoint: dict,
     if isinstance(checkpoint_model, str):  # legacy layout: model name + model_attributes
         checkpoint_model = {**checkpoint["config"].get("model_attributes", {}),
                             "name": checkpoint_model}
+    if any(m.get("name") == "hydra" and m.get("backbone") is None
+           for m in (config_model, checkpoint_model)):
+        # backbone taken from model.finetune_config's checkpoint: no settings to compare,
+        # the weights must still fit
+        problems = _weight_mismatch(model, checkpoint.get("state_dict") or {}, strict) if (
+            model is not None) else []
+        if problems:
+            raise CheckpointMismatchError(
+                "the checkpoint does not fit the model of the config (backbone from "
+                f"model.finetune_config): {'; '.join(problems[:_MAX_LISTED])}")
+        return
     ours, _ = _backbone(config_model)
     theirs, _ = _backbone(checkpoint_model)
     if backbone_family(ours) != backbone_family(theirs):

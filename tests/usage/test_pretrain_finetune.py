@@ -118,3 +118,24 @@ def test_pretrain_on_is2re_relaxed_positions_through_stock_cli(tmp_path):
     assert "the data have no 'forces'" in log and "denoising_noise_l2mae" in log
     assert "positions_key='pos_relaxed'" in log
     assert list(tmp_path.glob("checkpoints/*/checkpoint.pt"))
+
+
+def test_fine_tuning_run_resumes_from_its_own_checkpoint(pretrained, demo_lmdb, tmp_path):
+    """A fine-tuning run (backbone from finetune_config, model.backbone null) reloads its own
+    checkpoint, e.g. after preemption: no settings to compare, the weights fit."""
+    trainer = build_trainer(finetune_config(demo_lmdb, tmp_path, pretrained))
+    model = trainer._unwrapped_model
+    trainer.is_debug, trainer.config["cmd"]["checkpoint_dir"] = False, str(tmp_path)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    trainer.step = 3
+    path = trainer.save(checkpoint_file="own.pt")  # fairchem's own checkpoint layout
+    saved = torch.load(path, map_location="cpu")
+    assert saved["config"]["model"]["backbone"] is None
+    fresh = build_trainer(finetune_config(demo_lmdb, tmp_path / "again", pretrained))
+    fresh.load_checkpoint(path)
+    assert fresh.step == 3
+    for key, value in saved["state_dict"].items():
+        assert torch.equal(fresh._unwrapped_model.state_dict()[key.removeprefix("module.")],
+                           value), key
