@@ -35,7 +35,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import datasets
-from runner import REPO, Result, Run, eval_interval, execute_all, steps_per_epoch
+from runner import (
+    REPO,
+    Result,
+    Run,
+    eval_interval,
+    execute_all,
+    load_result,
+    steps_per_epoch,
+)
 
 DEMO_CONFIGS = REPO / "configs" / "oc20" / "s2ef" / "demo"
 BENCH_CONFIGS = REPO / "benchmarks" / "configs"
@@ -146,21 +154,27 @@ def summarise(suite: Suite, results: dict[str, Result]) -> tuple[str, dict]:
     lines, summary = [], {}
     for dataset in suite.epochs:
         variants = [*suite.variants[dataset], *suite.ablations.get(dataset, ())]
-        plain = {s: results[f"{dataset}/plain/seed{s}"].final for s in suite.seeds}
-        lines += [f"\n**{dataset}** ({suite.epochs[dataset]} epochs, "
-                  f"{results[f'{dataset}/plain/seed{suite.seeds[0]}'].steps[-1]} steps)\n",
+        plain = {s: results[f"{dataset}/plain/seed{s}"].final for s in suite.seeds
+                 if f"{dataset}/plain/seed{s}" in results}
+        if not plain:
+            continue
+        steps = next(r for n, r in results.items() if n.startswith(f"{dataset}/")).steps[-1]
+        lines += [f"\n**{dataset}** ({suite.epochs[dataset]} epochs, {steps} steps)\n",
                   "| variant | seeds | val force MAE (eV/Å) | val energy MAE (eV) | force MAE "
                   "ratio to plain (per seed) | force cos | minutes/run |",
                   "|---|---|---|---|---|---|---|"]
         for v in variants:
             runs = {s: results[f"{dataset}/{v.name}/seed{s}"] for s in suite.seeds
                     if f"{dataset}/{v.name}/seed{s}" in results}
+            if not runs:
+                continue
             forces = [r.final["forces_mae"] for r in runs.values()]
             energy = [r.final["energy_mae"] for r in runs.values()]
-            ratios = [r.final["forces_mae"] / plain[s]["forces_mae"] for s, r in runs.items()]
+            ratios = [r.final["forces_mae"] / plain[s]["forces_mae"] for s, r in runs.items()
+                      if s in plain]
             cos = [r.final.get("forces_cosine_similarity", float("nan")) for r in runs.values()]
             minutes = statistics.mean(r.minutes for r in runs.values())
-            ratio_text = ("—" if v.kind == "plain" else
+            ratio_text = ("—" if v.kind == "plain" or not ratios else
                           f"{statistics.mean(ratios):.3f} ({', '.join(f'{x:.3f}' for x in ratios)})")
             lines.append(f"| {v.name}: {v.description} | {len(runs)} | {_spread(forces)} | "
                          f"{_spread(energy)} | {ratio_text} | {statistics.mean(cos):.3f} | "
@@ -186,8 +200,12 @@ def plot(suite: Suite, results: dict[str, Result], path: Path) -> None:
     for col, dataset in enumerate(names):
         top, bottom = axes[0][col], axes[1][col]
         curves = {}
+        seeds = [s for s in suite.seeds
+                 if all(f"{dataset}/{v.name}/seed{s}" in results for v in suite.variants[dataset])]
+        if not seeds:
+            continue
         for v, color in zip(suite.variants[dataset], ("tab:gray", "tab:blue")):
-            runs = [results[f"{dataset}/{v.name}/seed{s}"] for s in suite.seeds]
+            runs = [results[f"{dataset}/{v.name}/seed{s}"] for s in seeds]
             steps = runs[0].steps
             per_seed = [[m["forces_mae"] for m in r.curve] for r in runs]
             mean = [statistics.mean(x) for x in zip(*per_seed)]
@@ -220,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="full (default), quick (= --quick) or regime (MD17 with 200 "
                         "training frames, 40 epochs: DeNS as a regulariser when data are few)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: summarise the finished runs of the suite")
     parser.add_argument("--threads", type=int, default=1, help="threads per run (default 1)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "benchmarks" / "accuracy")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
@@ -229,7 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     runs, _ = plan(suite, args.out / suite.name)
     print(f"{suite.name} suite: {len(runs)} runs, {args.jobs} at a time", flush=True)
-    results = execute_all(runs, jobs=args.jobs, threads=args.threads)
+    if args.report:
+        results = {r.name: res for r in runs if (res := load_result(r)) is not None}
+        missing = [r.name for r in runs if r.name not in results]
+        if missing:
+            print(f"not finished (left out): {missing}")
+    else:
+        results = execute_all(runs, jobs=args.jobs, threads=args.threads)
     table, summary = summarise(suite, results)
     args.results.mkdir(parents=True, exist_ok=True)
     png = args.results / f"accuracy_{suite.name}.png"

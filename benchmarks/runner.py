@@ -48,7 +48,9 @@ class Run:
                 "--optim.checkpoint_every=-1", *self.overrides]
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(self.command()).encode()).hexdigest()[:16]
+        """Identity of the job: its command without the interpreter path (a result stays
+        valid when the environment moves)."""
+        return hashlib.sha256(json.dumps(self.command()[1:]).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -77,6 +79,18 @@ def eval_interval(per_epoch: int, evals_per_epoch: int) -> int:
     return max(d for d in range(1, target + 1) if per_epoch % d == 0)
 
 
+def load_result(run: Run) -> Result | None:
+    """The stored result of ``run`` (same command), or ``None`` if it has not finished."""
+    stored = run.out / "result.json"
+    if not stored.exists():
+        return None
+    data = json.loads(stored.read_text())
+    data.pop("key", None)
+    if data["command"][1:] != run.command()[1:]:
+        return None
+    return Result(**data)
+
+
 def execute(run: Run, threads: int = 1, echo=print) -> Result:
     """Run one job (or reuse its stored result); raises ``SystemExit`` with the log's tail on
     failure."""
@@ -84,12 +98,10 @@ def execute(run: Run, threads: int = 1, echo=print) -> Result:
         raise ValueError(f"run {run.name}: eval_every must be a positive number of steps")
     run.out.mkdir(parents=True, exist_ok=True)
     stored = run.out / "result.json"
-    if stored.exists():
-        data = json.loads(stored.read_text())
-        if data.get("key") == run.key():
-            data.pop("key")
-            echo(f"[reuse] {run.name} ({stored})")
-            return Result(**data)
+    reused = load_result(run)
+    if reused is not None:
+        echo(f"[reuse] {run.name} ({stored})")
+        return reused
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     echo(f"[start] {run.name}: {' '.join(run.command())}")
