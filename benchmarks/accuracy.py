@@ -148,7 +148,8 @@ def _spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def summarise(suite: Suite, results: dict[str, Result]) -> tuple[str, dict]:
+def summarise(suite: Suite, results: dict[str, Result],
+              floors: dict[str, float] | None = None) -> tuple[str, dict]:
     """Markdown table and a JSON-able summary: final validation metrics per variant, and the
     DeNS/plain ratio of force MAE paired by seed (same initial weights and data order)."""
     lines, summary = [], {}
@@ -159,7 +160,10 @@ def summarise(suite: Suite, results: dict[str, Result]) -> tuple[str, dict]:
         if not plain:
             continue
         steps = next(r for n, r in results.items() if n.startswith(f"{dataset}/")).steps[-1]
-        lines += [f"\n**{dataset}** ({suite.epochs[dataset]} epochs, {steps} steps)\n",
+        floor = (floors or {}).get(dataset)
+        floor_text = f"; predicting zero forces gives {floor:.4f} eV/Å" if floor else ""
+        lines += [f"\n**{dataset}** ({suite.epochs[dataset]} epochs, {steps} steps"
+                  f"{floor_text})\n",
                   "| variant | seeds | val force MAE (eV/Å) | val energy MAE (eV) | force MAE "
                   "ratio to plain (per seed) | force cos | minutes/run |",
                   "|---|---|---|---|---|---|---|"]
@@ -186,7 +190,8 @@ def summarise(suite: Suite, results: dict[str, Result]) -> tuple[str, dict]:
     return "\n".join(lines), summary
 
 
-def plot(suite: Suite, results: dict[str, Result], path: Path) -> None:
+def plot(suite: Suite, results: dict[str, Result], path: Path,
+         floors: dict[str, float] | None = None) -> None:
     """Validation force MAE vs step (mean over seeds, min-max band) for plain and DeNS, and
     their ratio, one column per dataset."""
     import matplotlib
@@ -220,6 +225,8 @@ def plot(suite: Suite, results: dict[str, Result], path: Path) -> None:
         bottom.fill_between(steps, [min(x) for x in zip(*ratios)],
                             [max(x) for x in zip(*ratios)], color="tab:blue", alpha=0.2)
         bottom.axhline(1.0, color="k", lw=0.8, ls="--")
+        if (floors or {}).get(dataset):
+            top.axhline(floors[dataset], color="k", lw=0.8, ls=":", label="zero forces")
         top.set_title(f"{dataset}: validation force MAE")
         top.set_ylabel("force MAE (eV/Å)")
         top.legend()
@@ -247,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
 
     suite = SUITES["quick" if args.quick else args.suite]
     start = time.time()
-    runs, _ = plan(suite, args.out / suite.name)
+    runs, data = plan(suite, args.out / suite.name)
+    floors = {name: datasets.zero_force_mae(ds.lmdb_dir) for name, ds in data.items()}
     print(f"{suite.name} suite: {len(runs)} runs, {args.jobs} at a time", flush=True)
     if args.report:
         results = {r.name: res for r in runs if (res := load_result(r)) is not None}
@@ -256,14 +264,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"not finished (left out): {missing}")
     else:
         results = execute_all(runs, jobs=args.jobs, threads=args.threads)
-    table, summary = summarise(suite, results)
+    table, summary = summarise(suite, results, floors)
     args.results.mkdir(parents=True, exist_ok=True)
     png = args.results / f"accuracy_{suite.name}.png"
-    plot(suite, results, png)
+    plot(suite, results, png, floors)
     curves = {name: {"steps": r.steps, "curve": r.curve, "minutes": r.minutes,
                      "command": r.command} for name, r in results.items()}
     (args.results / f"accuracy_{suite.name}.json").write_text(
-        json.dumps({"summary": summary, "runs": curves}, indent=1))
+        json.dumps({"summary": summary, "zero_force_mae": floors, "runs": curves}, indent=1))
     (args.results / f"accuracy_{suite.name}.md").write_text(table + "\n")
     print(table)
     print(f"\nlearning curves: {png}\nwall time: {(time.time() - start) / 60:.1f} min")
