@@ -227,6 +227,7 @@ def plot(suite: Suite, results: dict[str, Result], path: Path,
         bottom.axhline(1.0, color="k", lw=0.8, ls="--")
         if (floors or {}).get(dataset):
             top.axhline(floors[dataset], color="k", lw=0.8, ls=":", label="zero forces")
+        top.set_yscale("log")
         top.set_title(f"{dataset}: validation force MAE")
         top.set_ylabel("force MAE (eV/Å)")
         top.legend()
