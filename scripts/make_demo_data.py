@@ -32,6 +32,8 @@ import ase.io
 import numpy as np
 from ase.constraints import FixAtoms
 
+from fairchem_dens.data.extxyz_io import write_extxyz
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FAIRCHEM_DENS_SHARED", REPO.parent / "shared"))
 DEFAULT_TARBALL = SHARED / "data" / "oc20_s2ef_trajs.tar.xz"
@@ -77,7 +79,7 @@ def write_system(trajectory: Path, out_file: Path, stride: int) -> tuple[int, in
     for position, atoms in enumerate(frames):
         atoms.info["fid"] = position * stride
     text = io.StringIO()
-    ase.io.write(text, frames, format="extxyz")
+    write_extxyz(text, frames)  # keeps FixAtoms as move_mask with any ASE
     out_file.write_bytes(lzma.compress(text.getvalue().encode(), preset=9 | lzma.PRESET_EXTREME))
     check_round_trip(frames, out_file)
     return len(frames), len(frames[0])

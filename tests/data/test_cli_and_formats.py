@@ -19,6 +19,7 @@ from fairchem.core.datasets import LmdbDataset
 
 from fairchem_dens import cli
 from fairchem_dens.data import ConversionOptions, convert
+from fairchem_dens.data.extxyz_io import write_extxyz
 from fairchem_dens.data.options import parse_split_fractions
 from fairchem_dens.data.reading import assign_system_ids, discover_input_files
 
@@ -112,7 +113,7 @@ def test_cli_reports_errors_with_status_2(tmp_path: Path, capsys: pytest.Capture
 def test_formats_directory_discovery_and_index_sids(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     ase.io.write(tmp_path / "alpha.traj", make_frames(seed=1))
-    ase.io.write(tmp_path / "sub" / "beta.extxyz.gz", make_frames(seed=2))
+    write_extxyz(tmp_path / "sub" / "beta.extxyz.gz", make_frames(seed=2))
     with ase.db.connect(tmp_path / "sub" / "gamma.db") as db:
         for atoms in make_frames(seed=3):
             db.write(atoms)
