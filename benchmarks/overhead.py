@@ -49,7 +49,8 @@ def load_batches(n_batches: int, batch_size: int):
             for b in range(n_batches)]
 
 
-def build_models(model: str) -> tuple[dict[str, torch.nn.Module], dict]:
+def build_models(model: str, num_layers: int | None = None
+                 ) -> tuple[dict[str, torch.nn.Module], dict]:
     """Models holding the same weights: ``dens`` (ours), ``plain`` (fairchem's own) and, for
     EquiformerV2, ``port`` (fairchem 1.10's built-in DeNS EquiformerV2: backbone
     ``equiformer_v2_dens_backbone``, heads ``eqV2_DeNS_scalar_head``/``eqV2_DeNS_vector_head``).
@@ -60,6 +61,9 @@ def build_models(model: str) -> tuple[dict[str, torch.nn.Module], dict]:
     setup_imports()
     dens_cfg, _, _ = load_config(str(REPO / f"configs/oc20/s2ef/demo/{model}_dens_cpu.yml"))
     plain_cfg, _, _ = load_config(str(REPO / f"configs/oc20/s2ef/demo/{model}_cpu.yml"))
+    if num_layers is not None:  # deeper backbones: the fixed cost of the DeNS parts shrinks
+        for cfg in (dens_cfg, plain_cfg):
+            cfg["model"]["backbone"]["num_layers"] = num_layers
     cfgs = {"dens": dens_cfg["model"], "plain": plain_cfg["model"]}
     if model == "eqv2":
         port = copy.deepcopy(plain_cfg["model"])
@@ -121,6 +125,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--phases", default="eval,train", help="comma-separated: eval,train")
+    parser.add_argument("--num-layers", type=int, default=None,
+                        help="backbone blocks (default: the demo config's 2)")
     args = parser.parse_args()
 
     from fairchem_dens.config import DeNSConfig
@@ -132,7 +138,7 @@ def main() -> None:
     )
 
     batches = load_batches(args.batches, args.batch_size)
-    models, cfg = build_models(args.model)
+    models, cfg = build_models(args.model, args.num_layers)
     dens_cfg = DeNSConfig.from_optim(cfg["optim"])
     corruptions = [sample_corruption(dens_cfg, b.natoms, b.fixed, step_generator(0, i))
                    for i, b in enumerate(batches)]
@@ -193,7 +199,8 @@ def main() -> None:
         holder["l"].backward()
 
     n_frames = args.batches * args.batch_size
-    print(f"\nmodel {args.model}, {n_frames} real OC20 frames per pass, {args.repeats} repeats, "
+    layers = models["plain"].backbone.num_layers
+    print(f"\nmodel {args.model} ({layers} blocks), {n_frames} real OC20 frames per pass, {args.repeats} repeats, "
           f"{torch.get_num_threads()} threads; ratios are time(model)/time(plain) per repeat")
     for phase, res in results.items():
         secs = res.pop("seconds")
