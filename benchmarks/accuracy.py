@@ -190,6 +190,21 @@ def summarise(suite: Suite, results: dict[str, Result],
     return "\n".join(lines), summary
 
 
+def plot_band(ax, steps: list[int], per_seed: list[list[float]], color: str, label: str) -> None:
+    """Mean over seeds as a line, min-max over seeds as a shaded band."""
+    ax.plot(steps, [statistics.mean(x) for x in zip(*per_seed)], color=color, label=label)
+    ax.fill_between(steps, [min(x) for x in zip(*per_seed)], [max(x) for x in zip(*per_seed)],
+                    color=color, alpha=0.2)
+
+
+def save_figure(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
 def plot(suite: Suite, results: dict[str, Result], path: Path,
          floors: dict[str, float] | None = None) -> None:
     """Validation force MAE vs step (mean over seeds, min-max band) for plain and DeNS, and
@@ -213,17 +228,12 @@ def plot(suite: Suite, results: dict[str, Result], path: Path,
             runs = [results[f"{dataset}/{v.name}/seed{s}"] for s in seeds]
             steps = runs[0].steps
             per_seed = [[m["forces_mae"] for m in r.curve] for r in runs]
-            mean = [statistics.mean(x) for x in zip(*per_seed)]
-            top.plot(steps, mean, color=color, label=f"{v.name} ({len(runs)} seeds)")
-            top.fill_between(steps, [min(x) for x in zip(*per_seed)],
-                             [max(x) for x in zip(*per_seed)], color=color, alpha=0.2)
+            plot_band(top, steps, per_seed, color, f"{v.name} ({len(runs)} seeds)")
             curves[v.kind] = (steps, per_seed)
         steps, dens = curves["dens"]
         _, plain = curves["plain"]
         ratios = [[d / p for d, p in zip(ds, ps)] for ds, ps in zip(dens, plain)]
-        bottom.plot(steps, [statistics.mean(x) for x in zip(*ratios)], color="tab:blue")
-        bottom.fill_between(steps, [min(x) for x in zip(*ratios)],
-                            [max(x) for x in zip(*ratios)], color="tab:blue", alpha=0.2)
+        plot_band(bottom, steps, ratios, "tab:blue", "DeNS / plain")
         bottom.axhline(1.0, color="k", lw=0.8, ls="--")
         if (floors or {}).get(dataset):
             top.axhline(floors[dataset], color="k", lw=0.8, ls=":", label="zero forces")
@@ -233,9 +243,7 @@ def plot(suite: Suite, results: dict[str, Result], path: Path,
         top.legend()
         bottom.set_ylabel("DeNS / plain")
         bottom.set_xlabel("training step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,21 +58,16 @@ def plot(curves: dict[str, list], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for (label, results), color in zip(curves.items(), ("tab:blue", "tab:orange")):
         for ax, metric in zip(axes, ("forces_mae", "energy_mae")):
-            steps = results[0].steps
             per_seed = [[m[metric] for m in r.curve] for r in results]
-            ax.plot(steps, [statistics.mean(x) for x in zip(*per_seed)], color=color,
-                    label=f"{label} ({len(results)} seeds)")
-            ax.fill_between(steps, [min(x) for x in zip(*per_seed)],
-                            [max(x) for x in zip(*per_seed)], color=color, alpha=0.2)
+            accuracy.plot_band(ax, results[0].steps, per_seed, color,
+                               f"{label} ({len(results)} seeds)")
     axes[0].set_ylabel("validation force MAE (eV/Å)")
     axes[1].set_ylabel("validation energy MAE (eV)")
     for ax in axes:
         ax.set_xlabel("fine-tuning step (S2EF, DeNS on)")
         ax.legend()
     fig.suptitle("OC20 (split by system): from scratch vs denoising-pre-trained")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    accuracy.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
