@@ -264,7 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     suite = SUITES["quick" if args.quick else args.suite]
     start = time.time()
     runs, data = plan(suite, args.out / suite.name)
-    floors = {name: datasets.zero_force_mae(ds.lmdb_dir) for name, ds in data.items()}
+    val_first_n = {name: int(o.split("=")[1]) for name in data for o in suite.extra.get(name, ())
+                   if o.startswith("--dataset.val.first_n=")}
+    floors = {name: datasets.zero_force_mae(ds.lmdb_dir, val_first_n.get(name))
+              for name, ds in data.items()}
     print(f"{suite.name} suite: {len(runs)} runs, {args.jobs} at a time", flush=True)
     if args.report:
         results = {r.name: res for r in runs if (res := load_result(r)) is not None}

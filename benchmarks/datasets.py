@@ -114,14 +114,16 @@ def md17(cache: Path = CACHE) -> Dataset:
     return Dataset("md17", out, "md17")
 
 
-def zero_force_mae(lmdb_dir: Path) -> float:
-    """Validation force MAE (eV/A, free atoms) of a model that predicts zero forces: the floor
-    below which a model has learned something about the held-out structures."""
+def zero_force_mae(lmdb_dir: Path, first_n: int | None = None) -> float:
+    """Validation force MAE (eV/A, free atoms; the first ``first_n`` frames if given) of a
+    model that predicts zero forces: the floor below which a model has learned something
+    about the held-out structures."""
     import torch
     from fairchem.core.datasets import LmdbDataset
 
     val = LmdbDataset({"src": str(lmdb_dir / "val")})
-    forces = [d.forces[d.fixed == 0] if "fixed" in d else d.forces for d in val]
+    frames = [val[i] for i in range(min(len(val), first_n or len(val)))]
+    forces = [d.forces[d.fixed == 0] if "fixed" in d else d.forces for d in frames]
     mae = float(torch.cat(forces).abs().mean())
     del val  # lmdb: one open environment per path and process
     return mae
