@@ -30,12 +30,24 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["CheckpointMismatchError", "backbone_family", "check_checkpoint_matches",
+__all__ = ["TRAINING_STATE", "CheckpointMismatchError", "backbone_family", "check_checkpoint_matches",
            "convert_legacy_checkpoint", "is_legacy_checkpoint", "prepare_checkpoint",
-           "require_config"]
+           "require_config", "without_training_state"]
 
 _MAX_LISTED = 5
 LEGACY_CONVERTIBLE = ("equiformer_v2",)  # fairchem 1.10 converts only these to Hydra
+
+
+#: Checkpoint entries that belong to a training run (optimizer, schedule, counters), not to
+#: the model: dropped when a checkpoint starts a new run or leaves the project.
+TRAINING_STATE = ("optimizer", "scheduler", "epoch", "step", "best_val_metric",
+                  "primary_metric")
+
+
+def without_training_state(checkpoint: dict) -> tuple[dict, list[str]]:
+    """(``checkpoint`` without :data:`TRAINING_STATE` entries, the names dropped)."""
+    dropped = [k for k in TRAINING_STATE if k in checkpoint]
+    return {k: v for k, v in checkpoint.items() if k not in TRAINING_STATE}, dropped
 
 
 class CheckpointMismatchError(ValueError):

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fairchem_dens.checkpoints import (
+    TRAINING_STATE,
     CheckpointMismatchError,
     check_checkpoint_matches,
     require_config,
@@ -41,8 +42,6 @@ from fairchem_dens.checkpoints import (
 __all__ = ["ExportError", "export_checkpoint", "export_file", "register"]
 
 PLAIN_TRAINER = "equiformerv2_forces"
-_TRAINING_STATE = ("optimizer", "scheduler", "epoch", "step", "best_val_metric",
-                   "primary_metric")
 SUMMARY = "turn a DeNS checkpoint into a plain fairchem EquiformerV2/eSCN checkpoint"
 EPILOG = """\
 examples:
@@ -162,7 +161,7 @@ def export_checkpoint(checkpoint: dict, ema: str = "apply") -> dict:
     removed = sorted(_strip(k) for k in state if is_dens(k))
 
     out: dict[str, Any] = {k: v for k, v in checkpoint.items()
-                           if k not in (*_TRAINING_STATE, "state_dict", "config", "ema")}
+                           if k not in (*TRAINING_STATE, "state_dict", "config", "ema")}
     ema_state = checkpoint.get("ema")
     if ema_state is not None:
         # fairchem's EMA: shadow_params in the order of model.parameters() with requires_grad

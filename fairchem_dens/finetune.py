@@ -23,12 +23,10 @@ from typing import Any
 
 from torch import nn
 
+from fairchem_dens.checkpoints import without_training_state
 from fairchem_dens.models.dens import noise_head_names
 
 __all__ = ["FineTuneError", "adapt_plain_checkpoint", "dens_only_keys"]
-
-_TRAINING_STATE = ("optimizer", "scheduler", "epoch", "step", "best_val_metric",
-                   "primary_metric")
 
 
 class FineTuneError(ValueError):
@@ -81,7 +79,7 @@ def adapt_plain_checkpoint(model: nn.Module, checkpoint: dict | None,
             " (check that the backbone/head settings match the checkpoint's config)")
 
     prefix = "module." if next(iter(state), "").startswith("module.") else ""
-    out = {k: v for k, v in checkpoint.items() if k not in _TRAINING_STATE}
+    out, dropped = without_training_state(checkpoint)
     out["state_dict"] = {**state, **{prefix + k: own[k].detach().clone() for k in new_keys}}
 
     ema_state = checkpoint.get("ema")
@@ -112,7 +110,6 @@ def adapt_plain_checkpoint(model: nn.Module, checkpoint: dict | None,
     elif "ema" in out:
         out["ema"] = None
 
-    dropped = [k for k in _TRAINING_STATE if k in checkpoint]
     logging.info(
         "DeNS fine-tuning from a plain checkpoint: %d new DeNS-only keys initialised fresh: %s; "
         "dropped training state %s", len(new_keys), new_keys, dropped)

@@ -26,13 +26,12 @@ from typing import Any
 
 import torch
 
+from fairchem_dens.checkpoints import without_training_state
 from fairchem_dens.config import DeNSConfig, DeNSConfigError
 
 __all__ = ["check_equilibrium", "check_pretrain_config", "describe_finetune_config",
            "drop_training_state", "mean_force_magnitude", "starts_fine_tuning"]
 
-TRAINING_STATE = ("optimizer", "scheduler", "epoch", "step", "best_val_metric",
-                  "primary_metric")
 # Heads whose family is known: a head is built on a backbone of its own family only.
 _HEAD_FAMILIES = {
     "equiformerV2_scalar_head": "equiformer_v2_backbone",
@@ -111,11 +110,11 @@ def starts_fine_tuning(checkpoint: dict | None, dens: DeNSConfig | None) -> bool
 
 def drop_training_state(checkpoint: dict) -> dict:
     """``checkpoint`` without optimizer/scheduler state and step counters (logged)."""
-    dropped = [k for k in TRAINING_STATE if k in checkpoint]
+    out, dropped = without_training_state(checkpoint)
     logging.info(
         "fine-tuning from a denoising pre-training checkpoint: all its weights (backbone and "
         f"heads) are kept; training state {dropped} dropped, the schedule starts at step 0")
-    return {k: v for k, v in checkpoint.items() if k not in TRAINING_STATE}
+    return out
 
 
 def describe_finetune_config(model_config: dict) -> None:
@@ -139,7 +138,10 @@ def describe_finetune_config(model_config: dict) -> None:
         return
     from fairchem_dens.checkpoints import _backbone, backbone_family
 
-    checkpoint = torch.load(path, map_location="cpu")
+    try:  # only the stored config is read here; fairchem loads the weights itself
+        checkpoint = torch.load(path, map_location="cpu", mmap=True)
+    except RuntimeError:  # not a zip-format checkpoint: mmap unsupported
+        checkpoint = torch.load(path, map_location="cpu")
     stored = (checkpoint.get("config") or {}).get("model")
     if stored is None:
         raise DeNSConfigError(f"model.finetune_config.starting_checkpoint={path!r} has no "

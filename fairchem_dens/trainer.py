@@ -361,18 +361,15 @@ class DenoisingForcesTrainer(EquiformerV2ForcesTrainer):
         step = self._dens_step if self._training_step else None
         if self._training_step and self.dens.pretrain:  # no S2EF labels to score
             metrics = {} if metrics is None else metrics
-            if step is not None and step.num_corrupted > 0:
-                stats = denoising_metrics(out[NOISE_PRED_KEY][step.mask], step.target[step.mask])
-                for name, stat in stats.items():
-                    metrics = evaluator.update(name, stat, metrics)
-            return metrics
-        if step is None or step.num_corrupted == 0:
+        elif step is None or step.num_corrupted == 0:
             return super()._compute_metrics(out, batch, evaluator, metrics)
-        plain_out = {k: v for k, v in out.items() if k != NOISE_PRED_KEY}
-        metrics = super()._compute_metrics(
-            plain_out, self._uncorrupted_view(batch, step), evaluator, metrics
-        )
-        stats = denoising_metrics(out[NOISE_PRED_KEY][step.mask], step.target[step.mask])
-        for name, stat in stats.items():
-            metrics = evaluator.update(name, stat, metrics)
+        else:
+            plain_out = {k: v for k, v in out.items() if k != NOISE_PRED_KEY}
+            metrics = super()._compute_metrics(
+                plain_out, self._uncorrupted_view(batch, step), evaluator, metrics
+            )
+        if step is not None and step.num_corrupted > 0:
+            stats = denoising_metrics(out[NOISE_PRED_KEY][step.mask], step.target[step.mask])
+            for name, stat in stats.items():
+                metrics = evaluator.update(name, stat, metrics)
         return metrics
