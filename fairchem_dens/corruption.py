@@ -31,6 +31,8 @@ class Corruption:
     sigma: ``[B]`` Angstrom, the sigma drawn for each structure (0 if not selected).
     selected: bool ``[B]``, structure chosen for DeNS (coin won and not skipped).
     num_corrupted: number of corrupted atoms (host int, no device sync needed later).
+    num_free_uncorrupted: number of free (``fixed == 0``) atoms left uncorrupted, the atoms the
+        forces term is trained on (host int); 0 when every free atom of the batch is corrupted.
     """
 
     mask: torch.Tensor
@@ -39,6 +41,7 @@ class Corruption:
     sigma: torch.Tensor
     selected: torch.Tensor
     num_corrupted: int
+    num_free_uncorrupted: int
 
     def to(self, device: torch.device | str) -> Corruption:
         return Corruption(
@@ -48,6 +51,7 @@ class Corruption:
             self.sigma.to(device),
             self.selected.to(device),
             self.num_corrupted,
+            self.num_free_uncorrupted,
         )
 
 
@@ -104,9 +108,10 @@ def sample_corruption(
             )
         selected &= skip == 0
 
-    eligible = torch.ones(num_atoms, dtype=torch.bool)
-    if fixed is not None and not cfg.all_atoms:
-        eligible = fixed.detach().cpu().view(-1) == 0
+    free = torch.ones(num_atoms, dtype=torch.bool)
+    if fixed is not None:
+        free = fixed.detach().cpu().view(-1) == 0
+    eligible = torch.ones(num_atoms, dtype=torch.bool) if cfg.all_atoms else free
     mask = selected[structure_of_atom] & eligible & (atom_coins < cfg.corrupt_ratio)
 
     sigma = torch.where(
@@ -124,4 +129,5 @@ def sample_corruption(
         sigma=sigma.to(dtype),
         selected=selected,
         num_corrupted=int(mask.sum()),
+        num_free_uncorrupted=int((free & ~mask).sum()),
     )

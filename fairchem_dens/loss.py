@@ -3,9 +3,15 @@ uncorrupted atom on any rank), and the denoising metrics."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from fairchem.core.common import distutils
+from fairchem.core.modules.evaluator import Evaluator
 from fairchem.core.modules.loss import DDPLoss
+
+#: fairchem's per-structure S2EF metric: energy and every scored atom's forces within thresholds
+THRESHOLD_METRIC = "energy_forces_within_threshold"
 
 
 class ZeroSafeDDPLoss(DDPLoss):
@@ -52,3 +58,45 @@ def denoising_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, dic
             "numel": n_atoms,
         },
     }
+
+
+class ScoredStructuresEvaluator(Evaluator):
+    """fairchem's :class:`Evaluator` for the training metrics of a DeNS step, where
+    ``target["natoms"]`` counts each structure's scored (free, uncorrupted) atoms and may be 0.
+
+    * ``energy_forces_within_threshold`` takes a max over each structure's atoms: structures
+      with no scored atom are left out of it (their forces cannot be judged); none left, it is
+      not updated this step.
+    * the properties in ``skip`` (atom-level targets when no atom at all is scored on this rank)
+      are not evaluated: an empty set would give 0/0.
+
+    Every other metric is fairchem's, computed exactly as by ``evaluator``.
+    """
+
+    def __init__(self, evaluator: Evaluator, skip: Collection[str] = ()) -> None:
+        super().__init__(evaluator.task, evaluator.target_metrics)
+        self.skip = set(skip)
+
+    def _subset(self, keep_threshold: bool) -> dict[str, list[str]]:
+        subset = {}
+        for prop, fns in self.target_metrics.items():
+            kept = [fn for fn in fns if (fn == THRESHOLD_METRIC) == keep_threshold]
+            if kept and prop not in self.skip:
+                subset[prop] = kept
+        return subset
+
+    def eval(self, prediction, target, prev_metrics=None):
+        metrics = prev_metrics or {}
+        others = self._subset(keep_threshold=False)
+        if others:
+            metrics = Evaluator(self.task, others).eval(prediction, target, metrics)
+        threshold = self._subset(keep_threshold=True)
+        scored = target["natoms"] > 0
+        if not threshold or self.skip or not bool(scored.any()):
+            return metrics
+        if not bool(scored.all()):
+            prediction, target = (
+                {**d, "energy": d["energy"][scored], "natoms": d["natoms"][scored]}
+                for d in (prediction, target))
+        return Evaluator(self.task, threshold).eval(prediction, target, metrics)
+

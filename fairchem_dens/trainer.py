@@ -28,13 +28,17 @@ Validation, prediction and relaxations run the model in eval mode and never see 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import itertools
 import logging
 import os
 from typing import Any
 
 import torch
-from fairchem.core.common import distutils
+from fairchem.core.common import distutils, gp_utils
+from fairchem.core.common.registry import registry
+from fairchem.core.models.base import HydraModel
 from fairchem.core.models.equiformer_v2.trainers.forces_trainer import (
     EquiformerV2ForcesTrainer,
 )
@@ -49,8 +53,13 @@ from fairchem_dens.corruption import (
     step_generator,
 )
 from fairchem_dens.finetune import adapt_plain_checkpoint
-from fairchem_dens.loss import ZeroSafeDDPLoss, denoising_metrics
-from fairchem_dens.models.dens import DeNSBackboneMixin, dens_only_parameters, noise_head_names
+from fairchem_dens.loss import ScoredStructuresEvaluator, ZeroSafeDDPLoss, denoising_metrics
+from fairchem_dens.models.dens import (
+    DeNSBackboneMixin,
+    attach_dens_trainer,
+    dens_only_parameters,
+    noise_head_names,
+)
 
 _SAVE_IDS = itertools.count()  # unique temporary checkpoint names, also for nested saves
 NOISE_PRED_KEY = "dens_noise"  # key of the noise prediction added to the trainer's outputs
@@ -73,6 +82,14 @@ class DenoisingForcesTrainer(EquiformerV2ForcesTrainer):
         self._noise_head: str | None = None
         self._dens_params: list[torch.nn.Parameter] = []
         if not kwargs.get("inference_only", False):
+            _check_hydra_model(kwargs.get("model", {}))
+            if self.dens.enabled and (kwargs.get("gp_gpus") or gp_utils.initialized()):
+                raise DeNSConfigError(
+                    f"graph parallelism (gp_gpus={kwargs.get('gp_gpus')}) is not supported with "
+                    f"DeNS (optim.dens.prob={self.dens.prob}): the force encoding and the "
+                    "per-atom corruption are not split across graph-parallel ranks. Remove "
+                    "--gp-gpus / gp_gpus, or set optim.dens.prob: 0 for plain training.")
+            kwargs["optimizer"] = _with_scheduler_params(optim)
             pretrain.describe_finetune_config(kwargs.get("model", {}))
         if self.dens is not None and self.dens.pretrain:
             pretrain.check_pretrain_config(kwargs.get("dataset"))
@@ -86,6 +103,10 @@ class DenoisingForcesTrainer(EquiformerV2ForcesTrainer):
             self._check_dens_setup()
 
     # ---------------------------------------------------------------- set-up
+    def load_model(self) -> None:
+        super().load_model()
+        attach_dens_trainer(self._unwrapped_model)
+
     def _set_dens_seed(self, seed: int) -> None:
         """The corruption stream of step s on rank r is drawn from SeedSequence([seed, s, r]);
         stored in the config, hence in every checkpoint, so a resume continues the stream."""
@@ -106,6 +127,8 @@ class DenoisingForcesTrainer(EquiformerV2ForcesTrainer):
         checkpoint = adapt_plain_checkpoint(self._unwrapped_model, checkpoint, self.ema)
         if not inference_only and pretrain.starts_fine_tuning(checkpoint, self.dens):
             checkpoint = pretrain.drop_training_state(checkpoint)
+        elif not inference_only:
+            _log_changed_dens_settings(checkpoint, self.dens)
         super().load_checkpoint(checkpoint_path, checkpoint, inference_only)
         rng_state = (checkpoint.get("config") or {}).get(rng.RNG_STATE_KEY)
         if rng_state is not None and not inference_only:
@@ -193,6 +216,13 @@ class DenoisingForcesTrainer(EquiformerV2ForcesTrainer):
                 "DeNS backbone (e.g. fairchem_dens.models.equiformer_v2.DeNSEquiformerV2Backbone) "
                 "or set optim.dens.encode_forces: false"
             )
+        backbone = getattr(model, "backbone", None)
+        if dens.enabled and getattr(backbone, "otf_graph", True) is False:
+            raise DeNSConfigError(
+                "model.backbone.otf_graph is false: the model would use the edges stored in the "
+                "LMDB, which belong to the uncorrupted positions, for the noisy structures of DeNS "
+                "(atoms moved out of or into the cutoff keep stale edges). Set "
+                "model.backbone.otf_graph: true (graphs built from the positions the model sees).")
         self._noise_head = heads[0] if heads else None
         self._dens_params = dens_only_parameters(model)
         logging.info(
@@ -324,6 +354,8 @@ class DenoisingForcesTrainer(EquiformerV2ForcesTrainer):
         step = self._dens_step
         if self.dens.pretrain:
             loss = self._label_loss(out, batch)
+        elif step is not None and step.num_free_uncorrupted == 0:
+            loss = self._loss_without_free_atoms(out, self._uncorrupted_view(batch, step))
         else:
             loss = super()._compute_loss(out, self._uncorrupted_view(batch, step))
         # Zero-valued link to every DeNS-only parameter: DDP sees them used on every rank even
@@ -337,6 +369,29 @@ class DenoisingForcesTrainer(EquiformerV2ForcesTrainer):
             pred = target = batch.pos.new_zeros((0, 3))
         denoising = self.dens_loss_fn(pred, target, natoms=batch.natoms)
         return loss + self.dens.coefficient * denoising
+
+    def _free_atom_target(self, target: str) -> bool:
+        spec = self.output_targets[target]
+        return spec["level"] == "atom" and bool(spec.get("train_on_free_atoms"))
+
+    def _loss_without_free_atoms(self, out, batch) -> torch.Tensor:
+        """fairchem's loss terms when no free atom is left uncorrupted on this rank (every free
+        atom corrupted, e.g. ``corrupt_ratio: 1``): fairchem cannot reshape an empty target, so
+        each free-atom term is reduced here on empty tensors (0, and the same all-reduce of its
+        count as on the other ranks, in the same order); the other terms are fairchem's."""
+        terms, all_terms = [], self.loss_functions
+        try:
+            for target, info in all_terms:
+                if self._free_atom_target(target):
+                    pred = out[target][:0]
+                    empty = batch[target][:0].to(pred.dtype).view_as(pred)
+                    terms.append(info["coefficient"] * info["fn"](pred, empty, natoms=batch.natoms))
+                else:
+                    self.loss_functions = [(target, info)]
+                    terms.append(super()._compute_loss(out, batch))
+        finally:
+            self.loss_functions = all_terms
+        return sum(terms)
 
     def _label_loss(self, out, batch) -> torch.Tensor:
         """Pre-training: fairchem's loss terms for the labels the data have, forces excluded
@@ -365,11 +420,101 @@ class DenoisingForcesTrainer(EquiformerV2ForcesTrainer):
             return super()._compute_metrics(out, batch, evaluator, metrics)
         else:
             plain_out = {k: v for k, v in out.items() if k != NOISE_PRED_KEY}
-            metrics = super()._compute_metrics(
-                plain_out, self._uncorrupted_view(batch, step), evaluator, metrics
-            )
+            metrics = self._scored_metrics(plain_out, self._uncorrupted_view(batch, step),
+                                           evaluator, metrics, step.num_free_uncorrupted)
         if step is not None and step.num_corrupted > 0:
             stats = denoising_metrics(out[NOISE_PRED_KEY][step.mask], step.target[step.mask])
             for name, stat in stats.items():
                 metrics = evaluator.update(name, stat, metrics)
         return metrics
+
+    def _scored_metrics(self, out, view, evaluator, metrics, num_scored: int):
+        """fairchem's S2EF metrics of a DeNS step, on the free uncorrupted atoms of ``view``.
+        Structures with no such atom are left out of ``energy_forces_within_threshold`` (fairchem
+        takes a max over each structure's atoms); with none at all on this rank the atom-level
+        targets are not scored this step (fairchem cannot reshape an empty target)."""
+        free_atom_targets = {t for t in self.output_targets if self.output_targets[t]["level"] ==
+                             "atom" and self.output_targets[t].get("eval_on_free_atoms", True)}
+        scored = ScoredStructuresEvaluator(
+            evaluator, skip=free_atom_targets if num_scored == 0 else ())
+        if num_scored > 0:
+            return super()._compute_metrics(out, view, scored, metrics)
+        targets = self.output_targets
+        self.output_targets = {t: s for t, s in targets.items() if t not in free_atom_targets}
+        try:
+            return super()._compute_metrics(
+                {k: v for k, v in out.items() if k not in free_atom_targets},
+                view, scored, metrics)
+        finally:
+            self.output_targets = targets
+
+
+def _check_hydra_model(model: dict) -> None:
+    """DeNS needs fairchem's backbone + heads (``hydra``) model: the noise head is a head."""
+    name = model.get("name")
+    try:
+        cls = registry.get_model_class(name) if name else None
+    except Exception:  # unknown names are fairchem's to report
+        return
+    if cls is None or (isinstance(cls, type) and issubclass(cls, HydraModel)):
+        return
+    raise DeNSConfigError(
+        f"model.name={name!r} is a single-module (legacy) model, but DeNS needs fairchem's "
+        "backbone + heads model (model.name: hydra) to add its noise head. Write the model as "
+        "`model: {name: hydra, backbone: {model: fairchem_dens.models.equiformer_v2."
+        "DeNSEquiformerV2Backbone, <your equiformer_v2 keys>}, heads: {energy: {module: "
+        "equiformerV2_scalar_head}, forces: {module: equiformerV2_vector_head}, noise: {module: "
+        "fairchem_dens.models.equiformer_v2.DeNSEquiformerV2NoiseHead}}}` (eSCN: escn_* heads, "
+        "fairchem_dens.models.escn.*). fairchem converts a legacy checkpoint and config with "
+        "fairchem.core.models.utils.convert_checkpoint_and_config_to_hydra; a legacy "
+        "EquiformerV2 checkpoint passed with --checkpoint is converted on load. See "
+        "configs/oc20/s2ef/demo/eqv2_dens_cpu.yml.")
+
+
+def _with_scheduler_params(optim: dict) -> dict:
+    """fairchem's EquiformerV2 trainer (our base) reads the LR schedule from
+    ``optim.scheduler_params``; fairchem's plain ``forces`` trainer reads the scheduler's
+    arguments from ``optim`` itself. A config written for the latter gets the same schedule:
+    the named scheduler's arguments are copied into ``scheduler_params`` (logged)."""
+    if "scheduler_params" in optim:
+        return optim
+    name = optim.get("scheduler")
+    fix = ("add optim.scheduler_params, e.g. `scheduler: LambdaLR, scheduler_params: "
+           "{lambda_type: cosine, warmup_factor: 0.2, warmup_epochs: 0.1, lr_min_factor: 0.01}`, "
+           "or `scheduler: Null` for a constant learning rate")
+    if name is None or name == "LambdaLR":
+        raise DeNSConfigError(
+            f"optim.scheduler_params is missing (optim.scheduler={name!r}): this trainer is "
+            "fairchem's EquiformerV2 trainer, which reads the LR schedule from "
+            "optim.scheduler_params (fairchem's plain `forces` trainer's default warm-up / "
+            f"lr_milestones schedule does not exist there). Fix: {fix}.")
+    if name == "Null":
+        params: dict = {}
+    else:
+        scheduler = getattr(torch.optim.lr_scheduler, str(name), None)
+        if scheduler is None:
+            raise DeNSConfigError(f"optim.scheduler={name!r} is not a torch.optim.lr_scheduler "
+                                  f"class; {fix}.")
+        accepted = set(inspect.signature(scheduler).parameters) - {"optimizer"}
+        params = {k: v for k, v in optim.items() if k in accepted}
+    logging.info(f"optim.scheduler_params not set: using {params} from optim (scheduler {name})")
+    return {**optim, "scheduler_params": params}
+
+
+def _log_changed_dens_settings(checkpoint: dict, current: DeNSConfig | None) -> None:
+    """Log each DeNS setting that differs between a resumed checkpoint and this run's config
+    (the new value is used)."""
+    saved = ((checkpoint.get("config") or {}).get("optim") or {}).get("dens")
+    if saved is None or current is None:
+        return
+    try:
+        before = DeNSConfig.from_dict(saved)
+    except DeNSConfigError as err:
+        logging.warning(f"DeNS: the checkpoint's optim.dens is not readable ({err}); using "
+                        "this run's settings")
+        return
+    for key in (f.name for f in dataclasses.fields(DeNSConfig) if not f.name.startswith("_")):
+        old, new = getattr(before, key), getattr(current, key)
+        if old != new:
+            logging.warning(f"DeNS: optim.dens.{key} changed since the checkpoint: {old!r} -> "
+                            f"{new!r} (the new value is used from here on)")

@@ -135,8 +135,8 @@ def _convert_split(
         md = None if md_sids is None else int(system.sid in md_sids)
         if md is not None:
             report[str(system.sid)]["md"] = md
-        for fid, atoms in read_frames(system.path, options.stride):
-            record = frame_record(atoms, system.path, fid, options)
+        for index, (fid, atoms) in enumerate(read_frames(system.path, options.stride)):
+            record = frame_record(atoms, system.path, fid, options, index * options.stride)
             writer.append(build_data(record, system.sid, fid, md=md))
             if train_stats is not None:
                 train_stats.add(record.atomic_numbers, record.energy, record.forces)

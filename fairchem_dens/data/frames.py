@@ -69,8 +69,13 @@ def fixed_mask(atoms: Atoms) -> np.ndarray:
     return mask
 
 
-def _where(path: Path, fid: int) -> str:
-    return f"{path}: frame {fid}"
+def _where(path: Path, fid: int, position: int | None = None) -> str:
+    """Name a frame; when the file stores its own frame ids (``info['fid']``, e.g. pre-strided
+    files) and they differ from the frame's place in the file, name both."""
+    if position is None or position == fid:
+        return f"{path}: frame {fid}"
+    return (f"{path}: frame {fid} (its stored info['fid']; it is frame {position} of the file, "
+            f"counting from 0)")
 
 
 def _calculator_result(atoms: Atoms, name: str, where: str, fix: str) -> object:
@@ -153,17 +158,19 @@ def _molecule_box(positions: np.ndarray, padding: float) -> tuple[np.ndarray, np
     return positions - center + edge / 2, np.eye(3) * edge
 
 
-def frame_record(atoms: Atoms, path: Path, fid: int, options: ConversionOptions) -> FrameRecord:
-    """Validate one frame and return its arrays in eV / Å.
+def frame_record(atoms: Atoms, path: Path, fid: int, options: ConversionOptions,
+                 position: int | None = None) -> FrameRecord:
+    """Validate one frame (``fid``: its frame id; ``position``: its 0-based place in the file)
+    and return its arrays in eV / Å.
 
     Raises
     ------
     ConversionError
         Missing energy or forces, NaN/inf values, mismatched array lengths, constraint
         indices out of range, or a periodic direction without a cell vector. The message
-        names ``path`` and ``fid``.
+        names ``path`` and ``fid`` (and ``position`` when it differs).
     """
-    where = _where(path, fid)
+    where = _where(path, fid, position)
     if len(atoms) == 0:
         raise ConversionError(f"{where}: frame has no atoms; remove it")
     positions = np.array(atoms.get_positions(), dtype=np.float64)

@@ -22,6 +22,36 @@ from fairchem_dens.force_encoding import ForceEncoding
 if TYPE_CHECKING:
     from torch_geometric.data import Batch
 
+TRAINER_PATH = "fairchem_dens.trainer.DenoisingForcesTrainer"
+
+
+class DeNSTrainerRequired(RuntimeError):
+    """A DeNS module is being trained by a trainer that does not run DeNS."""
+
+
+def attach_dens_trainer(model: nn.Module) -> None:
+    """Mark the DeNS modules of ``model`` as driven by the DeNS trainer (called by
+    :class:`~fairchem_dens.trainer.DenoisingForcesTrainer` once the model is built). Unmarked, a
+    DeNS module refuses a training forward without DeNS inputs: under a plain fairchem trainer its
+    parameters would never receive a gradient, and DDP fails at the second step."""
+    for module in model.modules():
+        if isinstance(module, (DeNSBackboneMixin, DeNSNoiseHeadMixin)):
+            module.dens_trainer_attached = True
+
+
+def _check_trainer(module: nn.Module, data: Batch) -> None:
+    if not module.training or module.dens_trainer_attached or DENS_MASK_KEY in data:
+        return
+    raise DeNSTrainerRequired(
+        f"{type(module).__name__} is being trained by a trainer that does not run DeNS (e.g. "
+        "trainer: equiformerv2_forces): its force encoding and noise head would never be "
+        "trained, and DDP stops at the second step with an unused-parameters error. Either set "
+        f"`trainer: {TRAINER_PATH}` (optim.dens.prob: 0 trains it as a plain model), or "
+        "convert a DeNS checkpoint to a plain one with `fairchem-dens export CKPT OUT` and "
+        "train it with fairchem's plain backbone and heads (e.g. model.backbone.model: "
+        "equiformer_v2_backbone, no noise head)."
+    )
+
 
 class DeNSBackboneMixin:
     """Adds force encoding to a fairchem backbone; put it first in the bases.
@@ -35,6 +65,7 @@ class DeNSBackboneMixin:
     """
 
     dens_seam: ClassVar[str]
+    dens_trainer_attached: bool = False  # set by attach_dens_trainer
 
     def _init_dens(self) -> None:
         if len(self.lmax_list) != 1:
@@ -54,6 +85,7 @@ class DeNSBackboneMixin:
         # Kept until the next forward (not cleared on return): with activation checkpointing the
         # seam runs again during backward and must add the same encoding.
         self._dens_input = None
+        _check_trainer(self, data)
         if self.training and DENS_FORCES_KEY in data:
             if gp_utils.initialized():
                 raise NotImplementedError("DeNS force encoding does not support graph parallelism")
@@ -80,12 +112,14 @@ class DeNSNoiseHeadMixin:
     """
 
     output_name: str
+    dens_trainer_attached: bool = False  # set by attach_dens_trainer
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         with torch.random.fork_rng(devices=[]):
             super().__init__(*args, **kwargs)
 
     def forward(self, data: Batch, emb: dict[str, Any]) -> dict[str, torch.Tensor]:
+        _check_trainer(self, data)
         if not (self.training and DENS_MASK_KEY in data):
             return {}
         return super().forward(data, emb)

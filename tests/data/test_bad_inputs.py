@@ -173,3 +173,15 @@ def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
             "forces_normalizer.npz",
         ]
     )
+
+
+def test_stored_frame_ids_and_the_place_in_the_file_are_both_named(tmp_path: Path) -> None:
+    """Pre-strided files (the bundled demo data) store the original frame id in info['fid']:
+    an error in the file's 2nd frame, stored fid 20, names both."""
+    frames = make_frames()
+    for position, atoms in enumerate(frames):
+        atoms.info["fid"] = 10 * position
+    set_results(frames[2], forces=frames[2].get_forces())
+    message = convert_good_and_bad(tmp_path, frames, suffix=".extxyz")
+    assert "frame 20 (its stored info['fid']; it is frame 2 of the file, counting from 0)" in (
+        message), message

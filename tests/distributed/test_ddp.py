@@ -1,6 +1,7 @@
 """Two gloo ranks in-process (torch.multiprocessing): the DeNS loss is normalised by the global
 number of corrupted atoms, gradients average to the single-process mean, and a rank whose batch
-has no corrupted atom while the other's has does not hang or desynchronise DDP."""
+has no corrupted atom while the other's has every free atom corrupted (no forces term left)
+does not hang or desynchronise DDP."""
 
 from __future__ import annotations
 
@@ -88,15 +89,18 @@ def _worker(rank: int, init_file: str, lmdb: str, run_dir: str) -> None:
                          max_epochs=1, eval_every=1000)
     trainer = build_trainer(config, seed=0)
     assert isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel)
-    # rank 0 corrupts every structure, rank 1 (practically, and for this seed surely) none:
-    # DeNS stays enabled on both, so both take the DeNS code path every step
-    trainer.dens = dataclasses.replace(trainer.dens, prob=1.0 if rank == 0 else 1e-12)
-    corrupted, losses = [], []
+    # rank 0 corrupts every free atom of every structure (r = 1: no forces term left there),
+    # rank 1 (practically, and for this seed surely) none: DeNS stays enabled on both, so both
+    # take the DeNS code path every step
+    trainer.dens = dataclasses.replace(trainer.dens, prob=1.0 if rank == 0 else 1e-12,
+                                       corrupt_ratio=1.0 if rank == 0 else 0.5)
+    corrupted, scored, losses = [], [], []
     sample, compute = trainer._sample, trainer._compute_loss
 
     def recording_sample(batch):
         c = sample(batch)
         corrupted.append(c.num_corrupted)
+        scored.append(c.num_free_uncorrupted)
         return c
 
     trainer._sample = recording_sample
@@ -105,7 +109,7 @@ def _worker(rank: int, init_file: str, lmdb: str, run_dir: str) -> None:
     params = torch.cat([p.detach().flatten() for p in trainer._unwrapped_model.parameters()])
     gathered = [torch.zeros_like(params) for _ in range(WORLD)]
     dist.all_gather(gathered, params)
-    torch.save({"corrupted": corrupted, "losses": [x.item() for x in losses],
+    torch.save({"corrupted": corrupted, "scored": scored, "losses": [x.item() for x in losses],
                 "params": gathered, "step": trainer.step,
                 "loss_checks": loss_checks}, f"{run_dir}/out.{rank}")
     dist.destroy_process_group()
@@ -118,6 +122,8 @@ def test_rank_without_corrupted_atoms_neither_hangs_nor_desyncs(ddp_run) -> None
     assert len(res[0]["corrupted"]) == len(res[1]["corrupted"]) == 2
     assert all(n > 0 for n in res[0]["corrupted"])
     assert all(n == 0 for n in res[1]["corrupted"])
+    assert all(n == 0 for n in res[0]["scored"])  # rank 0: no free uncorrupted atom at all
+    assert all(n > 0 for n in res[1]["scored"])
     for r in range(WORLD):
         assert all(torch.isfinite(torch.tensor(res[r]["losses"])))
     p0, p1 = res[0]["params"]

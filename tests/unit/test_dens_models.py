@@ -12,7 +12,11 @@ import torch
 from fairchem.core.models.base import HydraModel
 
 from fairchem_dens.corruption import DENS_FORCES_KEY, DENS_MASK_KEY
-from fairchem_dens.models.dens import dens_only_parameters
+from fairchem_dens.models.dens import (
+    DeNSTrainerRequired,
+    attach_dens_trainer,
+    dens_only_parameters,
+)
 from tests.conftest import TINY_EQV2, TINY_ESCN
 from tests.equivariance import assert_invariant, assert_rotates, random_rotation
 
@@ -115,7 +119,11 @@ def test_force_encoding_changes_training_outputs_only_through_corrupted_atoms(
     none = torch.zeros(n, dtype=torch.bool)
     base = run(dens, with_dens_fields(oc20_batch, none))
     assert base["noise"].shape == (n, 3)
-    # no corrupted atom: identical to a forward without DeNS fields (minus the noise head)
+    # no corrupted atom: identical to a forward without DeNS fields (minus the noise head), the
+    # DeNS trainer's step without corruption; outside that trainer such a forward is refused
+    with pytest.raises(DeNSTrainerRequired, match="DenoisingForcesTrainer"):
+        run(dens, oc20_batch)
+    attach_dens_trainer(dens)
     plain_path = run(dens, oc20_batch)
     assert torch.equal(base["forces"], plain_path["forces"])
     assert "noise" not in plain_path

@@ -219,7 +219,19 @@ def test_scaled_config_trains_one_step(rel: str, oc20_md_lmdb, molecule_lmdb, tm
         assert md.any() and not (step.selected.cpu() & md).any()  # MD frames never corrupted
     loss = trainer._compute_loss(out, batch)
     assert math.isfinite(loss.item())
+    metrics = trainer._compute_metrics(out, batch, trainer.evaluator, {})  # as the loop does
+    assert metrics["denoising_noise_mae"]["numel"] == 3 * step.num_corrupted
     trainer._backward(loss)
     changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
     assert len(changed) > 0.5 * len(before)
     assert any(f"output_heads.{trainer._noise_head}." in n for n in changed)  # denoising trained
+    # a few more steps with the config's own draws (r 1.0 configs: selected structures keep no
+    # free uncorrupted atom, which used to crash fairchem's loss reshape and threshold metric)
+    for later in range(trainer.step + 1, trainer.step + 4):
+        trainer.step = later
+        out = trainer._forward(batch)
+        loss = trainer._compute_loss(out, batch)
+        metrics = trainer._compute_metrics(out, batch, trainer.evaluator, metrics)
+        assert math.isfinite(loss.item())
+        assert all(math.isfinite(m["metric"]) for m in metrics.values())
+        trainer._backward(loss)
