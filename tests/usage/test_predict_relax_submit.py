@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from fairchem_dens.runs import data_overrides
 from fairchem_dens.export import export_file
+from fairchem_dens.runs import data_overrides
 from tests.conftest import SHARED
 from tests.usage.conftest import CONFIGS, FAIRCHEM, run
 
