@@ -14,7 +14,9 @@ DeNS; :class:`ExactResumeMixin` fixes each at the narrowest seam:
 * **atomic save** (``save``): written under a temporary name and renamed into place, so a
   preemption during a save never leaves a half-written ``checkpoint.pt``.
 
-The checkpoint is fairchem's own plus one config entry (``rng_state``); stock fairchem loads it.
+The checkpoint is fairchem's own plus one config entry (``rng_state``), which fairchem's own
+trainers ignore when they load it (``OCPCalculator`` picks the class named in
+``config["trainer"]``, so it needs this package installed).
 For plain EquiformerV2 runs use :class:`ExactResumeForcesTrainer`
 (``trainer: fairchem_dens.resume.ExactResumeForcesTrainer``, e.g.
 ``configs/oc20/s2ef/demo/eqv2_exact_resume_cpu.yml``);
