@@ -43,7 +43,7 @@ class Dataset:
 
     def overrides(self) -> list[str]:
         """fairchem command-line overrides pointing a config at this dataset."""
-        from fairchem_dens.demo import data_overrides
+        from fairchem_dens.runs import data_overrides
 
         return data_overrides(self.lmdb_dir)
 

@@ -40,7 +40,7 @@ FINETUNE_YML = REPO / "configs" / "oc20" / "s2ef" / "demo" / "eqv2_dens_finetune
 
 
 def pretrain_run(out: Path, epochs: int) -> Run:
-    from fairchem_dens.demo import data_overrides
+    from fairchem_dens.runs import data_overrides
 
     lmdb = datasets.oc20_relaxed()
     return Run(name="pretrain/oc20_relaxed", config=PRETRAIN_YML, out=out / "pretrain", seed=0,

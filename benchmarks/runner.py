@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fairchem_dens.demo import parse_val_metrics  # noqa: E402
+from fairchem_dens.runs import fairchem_executable, parse_val_metrics  # noqa: E402
 
 
 @dataclass
@@ -40,8 +40,7 @@ class Run:
     eval_every: int | None = None  # steps between validations; None: no validation split
 
     def command(self) -> list[str]:
-        fairchem = Path(sys.executable).with_name("fairchem")
-        return [str(fairchem) if fairchem.exists() else "fairchem", "--mode", "train",
+        return [fairchem_executable(), "--mode", "train",
                 "--config-yml", str(self.config), "--cpu", "--run-dir", str(self.out),
                 "--identifier", self.name.replace("/", "_"), "--seed", str(self.seed),
                 *([f"--optim.eval_every={self.eval_every}"] if self.eval_every else []),

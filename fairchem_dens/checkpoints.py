@@ -1,4 +1,8 @@
-"""Checking a checkpoint against the model of a config before fairchem loads it.
+"""Checkpoint layout and checking a checkpoint against the model of a config.
+
+This module owns the layout helpers the other checkpoint modules (``finetune``, ``export``,
+``pretrain``) import: :data:`TRAINING_STATE` / :func:`without_training_state` (what belongs to a
+run, not to the model) and :func:`dens_only_keys` (the weights a plain model lacks).
 
 fairchem's strict load reports a wrong checkpoint as hundreds of missing/unexpected keys or
 size mismatches. :func:`check_checkpoint_matches` names the cause instead:
@@ -31,8 +35,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["TRAINING_STATE", "CheckpointMismatchError", "backbone_family", "check_checkpoint_matches",
-           "convert_legacy_checkpoint", "is_legacy_checkpoint", "prepare_checkpoint",
-           "require_config", "without_training_state"]
+           "convert_legacy_checkpoint", "dens_only_keys", "is_legacy_checkpoint",
+           "prepare_checkpoint", "require_config", "without_training_state"]
 
 _MAX_LISTED = 5
 LEGACY_CONVERTIBLE = ("equiformer_v2",)  # fairchem 1.10 converts only these to Hydra
@@ -48,6 +52,29 @@ def without_training_state(checkpoint: dict) -> tuple[dict, list[str]]:
     """(``checkpoint`` without :data:`TRAINING_STATE` entries, the names dropped)."""
     dropped = [k for k in TRAINING_STATE if k in checkpoint]
     return {k: v for k, v in checkpoint.items() if k not in TRAINING_STATE}, dropped
+
+
+def _strip(key: str) -> str:
+    """State-dict key without DataParallel/DDP ``module.`` prefixes."""
+    while key.startswith("module."):
+        key = key[len("module."):]
+    return key
+
+
+def _dens_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of the DeNS-only modules (noise heads, force encoding)."""
+    from fairchem_dens.models.dens import noise_head_names
+
+    prefixes = [f"output_heads.{name}." for name in noise_head_names(model)]
+    if hasattr(getattr(model, "backbone", None), "force_encoding"):
+        prefixes.append("backbone.force_encoding.")
+    return tuple(prefixes)
+
+
+def dens_only_keys(model: nn.Module) -> list[str]:
+    """State-dict keys (unprefixed) of the DeNS-only modules of a DeNS Hydra model."""
+    prefixes = _dens_prefixes(model)
+    return [k for k in model.state_dict() if k.startswith(prefixes)] if prefixes else []
 
 
 class CheckpointMismatchError(ValueError):
@@ -146,16 +173,8 @@ def _normal(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _strip(key: str) -> str:
-    while key.startswith("module."):
-        key = key[len("module."):]
-    return key
-
-
 def _weight_mismatch(model: nn.Module, state: dict, strict: bool) -> list[str]:
     """What keeps ``state`` from loading into ``model`` (DeNS-only weights may be absent)."""
-    from fairchem_dens.finetune import dens_only_keys
-
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {_strip(k): tuple(v.shape) for k, v in state.items()}
     dens_keys = set(dens_only_keys(model))

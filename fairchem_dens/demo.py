@@ -13,11 +13,12 @@ and prints both; ``--model escn`` does the same with eSCN. Run ``python -m fairc
 from __future__ import annotations
 
 import argparse
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from fairchem_dens.runs import data_overrides, parse_val_metrics  # re-exported for callers
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs" / "oc20" / "s2ef" / "demo"
@@ -30,31 +31,6 @@ CONFIGS = {  # (model, variant) -> demo config
 # Validation systems whose elements all occur in the other 12 bundled systems, so the linear
 # energy references (fitted on train) cover them and val energy MAE is meaningful.
 DEMO_VAL_SYSTEMS = (1000100, 1000161)
-_METRIC = re.compile(r"(\w+): (-?[0-9.]+(?:e[-+]?\d+)?)")
-
-
-def data_overrides(lmdb_dir: Path) -> list[str]:
-    """fairchem command-line overrides pointing a demo config at converted data."""
-    t = "--dataset.train"
-    return [
-        f"{t}.src={lmdb_dir / 'train'}",
-        f"{t}.transforms.element_references.energy.file={lmdb_dir / 'element_references.npz'}",
-        f"{t}.transforms.normalizer.energy.file={lmdb_dir / 'energy_normalizer.npz'}",
-        f"{t}.transforms.normalizer.forces.file={lmdb_dir / 'forces_normalizer.npz'}",
-        f"--dataset.val.src={lmdb_dir / 'val'}",
-    ]
-
-
-def parse_val_metrics(log: str) -> list[dict[str, float]]:
-    """Metrics of every ``Evaluating on val.`` block of a fairchem training log, in order."""
-    results, pending = [], False
-    for line in log.splitlines():
-        if "Evaluating on val" in line:
-            pending = True
-        elif pending and "forces_mae" in line and "step:" not in line:  # not a train line
-            results.append({k: float(v) for k, v in _METRIC.findall(line)})
-            pending = False
-    return results
 
 
 def train(model: str, variant: str, lmdb_dir: Path, out: Path, seed: int,

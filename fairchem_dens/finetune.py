@@ -14,19 +14,26 @@ checkpoint into one the DeNS trainer loads strictly:
   parameters only, and fine-tuning starts its own schedule.
 
 A checkpoint that already has the DeNS weights (resuming DeNS training) is returned unchanged.
+:func:`prepare_dens_checkpoint` is the one call the DeNS trainer makes on every checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from fairchem_dens import pretrain
+from fairchem_dens.checkpoints import (
+    _dens_prefixes,
+    dens_only_keys,
+    prepare_checkpoint,
+    without_training_state,
+)
 
-from fairchem_dens.checkpoints import without_training_state
-from fairchem_dens.models.dens import noise_head_names
+if TYPE_CHECKING:
+    from torch import nn
 
-__all__ = ["FineTuneError", "adapt_plain_checkpoint", "dens_only_keys"]
+__all__ = ["FineTuneError", "adapt_plain_checkpoint", "dens_only_keys", "prepare_dens_checkpoint"]
 
 
 class FineTuneError(ValueError):
@@ -35,19 +42,6 @@ class FineTuneError(ValueError):
 
 def _strip(key: str) -> str:
     return key[len("module."):] if key.startswith("module.") else key
-
-
-def _dens_prefixes(model: nn.Module) -> tuple[str, ...]:
-    prefixes = [f"output_heads.{name}." for name in noise_head_names(model)]
-    if hasattr(getattr(model, "backbone", None), "force_encoding"):
-        prefixes.append("backbone.force_encoding.")
-    return tuple(prefixes)
-
-
-def dens_only_keys(model: nn.Module) -> list[str]:
-    """State-dict keys (unprefixed) of the DeNS-only modules of a DeNS Hydra model."""
-    prefixes = _dens_prefixes(model)
-    return [k for k in model.state_dict() if k.startswith(prefixes)] if prefixes else []
 
 
 def adapt_plain_checkpoint(model: nn.Module, checkpoint: dict | None,
@@ -114,3 +108,19 @@ def adapt_plain_checkpoint(model: nn.Module, checkpoint: dict | None,
         "DeNS fine-tuning from a plain checkpoint: %d new DeNS-only keys initialised fresh: %s; "
         "dropped training state %s", len(new_keys), new_keys, dropped)
     return out
+
+
+def prepare_dens_checkpoint(trainer: Any, checkpoint: dict | None,
+                            inference_only: bool) -> dict | None:
+    """What :class:`~fairchem_dens.trainer.DenoisingForcesTrainer` does to every checkpoint
+    before fairchem loads it: check it against the model (convert a legacy EquiformerV2 one,
+    :func:`~fairchem_dens.checkpoints.prepare_checkpoint`), add fresh DeNS-only weights to a
+    plain one (:func:`adapt_plain_checkpoint`; a DeNS checkpoint passes unchanged), and drop
+    the training state of a denoising pre-training checkpoint that starts fine-tuning."""
+    model = trainer._unwrapped_model
+    checkpoint = prepare_checkpoint(model, trainer.config["model"], checkpoint,
+                                    trainer.config.get("task", {}).get("strict_load", True))
+    checkpoint = adapt_plain_checkpoint(model, checkpoint, trainer.ema)
+    if not inference_only and pretrain.starts_fine_tuning(checkpoint, trainer.dens):
+        checkpoint = pretrain.drop_training_state(checkpoint)
+    return checkpoint

@@ -4,10 +4,11 @@ Stock fairchem checkpoints hold the model, optimiser, scheduler, EMA and step, b
 of the global generators. EquiformerV2 draws the roll angles of its edge frames from the global
 torch generator on every forward (``init_edge_rot_mat``: ``torch.rand_like``), and dropout draws
 from it too, so a run resumed from a checkpoint diverges from the uninterrupted run from its first
-step unless the generator states are restored as well. :class:`DenoisingForcesTrainer` stores
-:func:`capture` in every training-state checkpoint (key ``rng_state``) and :func:`restore`\\ s it
-on a training resume. The DeNS corruption stream needs none of this: it is a pure function of
-(seed, step, rank), see :func:`fairchem_dens.corruption.step_generator`.
+step unless the generator states are restored as well.
+:class:`~fairchem_dens.resume.ExactResumeMixin` (and so the DeNS trainer) stores :func:`capture`
+in every training-state checkpoint (key ``rng_state``) and :func:`restore`\\ s it when training
+resumes (not for predict/validate/relaxations). The DeNS corruption stream needs none of this:
+it is a pure function of (seed, step, rank), see :func:`fairchem_dens.corruption.step_generator`.
 
 The state is that of the process that writes the checkpoint (rank 0). Restoring it on every rank
 makes a single-process resume bit-exact; with several ranks the other ranks resume from rank 0's

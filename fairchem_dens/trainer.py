@@ -7,7 +7,8 @@ Use it from a fairchem config by dotted path::
       dens: {prob: 0.5, std: 0.1, corrupt_ratio: 0.5, coefficient: 10}
 
 Only four narrow methods change; the training loop, EMA, LR schedule, AMP, clipping,
-checkpointing, validation and prediction are fairchem's own:
+checkpointing, validation and prediction are fairchem's own (with exact resume from
+:class:`~fairchem_dens.resume.ExactResumeMixin`, which is not DeNS-specific):
 
 * ``_forward``: on a training step, corrupt a copy of the batch (:mod:`fairchem_dens.corruption`)
   and attach the normalised forces of corrupted atoms for the force encoding.
@@ -30,9 +31,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-import itertools
 import logging
-import os
 from typing import Any
 
 import torch
@@ -43,7 +42,7 @@ from fairchem.core.models.equiformer_v2.trainers.forces_trainer import (
     EquiformerV2ForcesTrainer,
 )
 
-from fairchem_dens import pretrain, rng
+from fairchem_dens import pretrain
 from fairchem_dens.config import DeNSConfig, DeNSConfigError
 from fairchem_dens.corruption import (
     DENS_FORCES_KEY,
@@ -52,7 +51,7 @@ from fairchem_dens.corruption import (
     sample_corruption,
     step_generator,
 )
-from fairchem_dens.finetune import adapt_plain_checkpoint
+from fairchem_dens.finetune import prepare_dens_checkpoint
 from fairchem_dens.loss import ScoredStructuresEvaluator, ZeroSafeDDPLoss, denoising_metrics
 from fairchem_dens.models.dens import (
     DeNSBackboneMixin,
@@ -60,12 +59,12 @@ from fairchem_dens.models.dens import (
     dens_only_parameters,
     noise_head_names,
 )
+from fairchem_dens.resume import ExactResumeMixin
 
-_SAVE_IDS = itertools.count()  # unique temporary checkpoint names, also for nested saves
 NOISE_PRED_KEY = "dens_noise"  # key of the noise prediction added to the trainer's outputs
 
 
-class DenoisingForcesTrainer(EquiformerV2ForcesTrainer):
+class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
     """S2EF trainer with DeNS as an auxiliary task (settings in ``optim.dens``, see
     :class:`~fairchem_dens.config.DeNSConfig`). Runs under the ``s2ef`` task name, so predictions
     are written as ``s2ef_predictions.npz``."""
@@ -93,10 +92,7 @@ class DenoisingForcesTrainer(EquiformerV2ForcesTrainer):
             pretrain.describe_finetune_config(kwargs.get("model", {}))
         if self.dens is not None and self.dens.pretrain:
             pretrain.check_pretrain_config(kwargs.get("dataset"))
-        super().__init__(*args, **kwargs)
-        # fairchem stores the task name here; only OCPCalculator reads it back, to pick the
-        # trainer class of a checkpoint. Our dotted path lets it load DeNS checkpoints as they are.
-        self.config["trainer"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        super().__init__(*args, **kwargs)  # ExactResumeMixin stores our dotted path as trainer
         seed = self.config["cmd"].get("seed")
         self._set_dens_seed(int(seed) if seed is not None else 0)
         if self.dens is not None and not kwargs.get("inference_only", False):
@@ -115,74 +111,20 @@ class DenoisingForcesTrainer(EquiformerV2ForcesTrainer):
 
     def load_checkpoint(self, checkpoint_path: str, checkpoint: dict | None = None,
                         inference_only: bool = False) -> None:
-        if checkpoint is None and os.path.isfile(checkpoint_path):
-            map_location = torch.device("cpu") if self.cpu else self.device
-            checkpoint = torch.load(checkpoint_path, map_location=map_location)
-        from fairchem_dens.checkpoints import prepare_checkpoint  # names mismatches; legacy EqV2
-
-        checkpoint = prepare_checkpoint(self._unwrapped_model, self.config["model"], checkpoint,
-                                        self.config.get("task", {}).get("strict_load", True))
-        # a plain EquiformerV2/eSCN checkpoint: add fresh DeNS-only weights (logged), drop its
-        # training state; a DeNS checkpoint passes through unchanged
-        checkpoint = adapt_plain_checkpoint(self._unwrapped_model, checkpoint, self.ema)
-        if not inference_only and pretrain.starts_fine_tuning(checkpoint, self.dens):
-            checkpoint = pretrain.drop_training_state(checkpoint)
-        elif not inference_only:
-            _log_changed_dens_settings(checkpoint, self.dens)
+        """Exact resume (generator states, LR schedule) comes from
+        :class:`~fairchem_dens.resume.ExactResumeMixin`; here only what DeNS adds: a plain
+        EquiformerV2/eSCN checkpoint gets fresh DeNS-only weights, and a resume continues the
+        saved corruption stream."""
+        checkpoint = self.read_checkpoint(checkpoint_path, checkpoint)
+        if not inference_only and not pretrain.starts_fine_tuning(checkpoint, self.dens):
+            _log_changed_dens_settings(checkpoint, self.dens)  # a resume: say what changed
+        checkpoint = prepare_dens_checkpoint(self, checkpoint, inference_only)
         super().load_checkpoint(checkpoint_path, checkpoint, inference_only)
-        rng_state = (checkpoint.get("config") or {}).get(rng.RNG_STATE_KEY)
-        if rng_state is not None and not inference_only:
-            rng.restore(rng_state)  # the global generators continue where the saved run stood
-        if not inference_only:
-            self._align_scheduler_with_step()
         saved = (checkpoint.get("config") or {}).get("dens_rng")
         if saved and not inference_only and saved["seed"] != self.dens_seed:
             logging.info(f"DeNS: continuing the corruption stream of seed {saved['seed']} "
                          f"from the checkpoint (config seed {self.dens_seed})")
             self._set_dens_seed(int(saved["seed"]))
-
-    def _align_scheduler_with_step(self) -> None:
-        """fairchem's training loop saves its periodic checkpoint (``checkpoint_every``) after
-        the optimiser step of step s but before that step's ``scheduler.step()``, so the saved
-        scheduler is one step behind and a resume would shift the whole LR schedule by a step.
-        A per-step scheduler has taken exactly ``self.step`` steps after a finished step; catch
-        up the one missing step (checkpoints saved after ``scheduler.step()``, e.g. at the end of
-        an epoch with ``checkpoint_every: -1``, are already aligned and left alone)."""
-        sched = getattr(self, "scheduler", None)
-        inner = getattr(sched, "scheduler", None)
-        if sched is None or sched.scheduler_type in ("Null", "ReduceLROnPlateau") or not hasattr(
-                inner, "last_epoch"):
-            return
-        if inner.last_epoch == self.step - 1:
-            sched.step()
-
-    def save(self, metrics=None, checkpoint_file: str = "checkpoint.pt",
-             training_state: bool = True) -> str | None:
-        """fairchem's ``save`` with two additions:
-
-        * a training-state checkpoint also holds the global generator states
-          (``config["rng_state"]``, see :mod:`fairchem_dens.rng`), so a resume is exact. fairchem
-          builds the checkpoint dict inside ``save`` and stores ``self.config`` in it, so the
-          states ride on a copy of the config for the duration of the call; the live config is
-          never changed.
-        * the file is written under a temporary name and renamed into place, so a checkpoint is
-          never left half-written: submitit's preemption handler (``Runner.checkpoint``) can run
-          in the middle of the training loop's own ``save`` of the same ``checkpoint.pt`` and then
-          exits the process, which with fairchem's direct ``torch.save`` leaves a corrupt file.
-        """
-        config = self.config
-        if training_state:
-            self.config = {**config, rng.RNG_STATE_KEY: rng.capture()}
-        tmp_name = f"{checkpoint_file}.tmp-{os.getpid()}-{next(_SAVE_IDS)}"
-        try:
-            tmp_path = super().save(metrics, tmp_name, training_state)
-        finally:
-            self.config = config
-        if tmp_path is None:  # debug mode, or not rank 0: nothing written
-            return None
-        path = os.path.join(os.path.dirname(tmp_path), os.path.basename(checkpoint_file))
-        os.replace(tmp_path, path)
-        return path
 
     def _check_dens_setup(self) -> None:
         dens, key = self.dens, self.dens.forces_key

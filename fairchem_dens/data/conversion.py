@@ -216,6 +216,9 @@ def convert(options: ConversionOptions, log: Callable[[str], None] | None = None
                 "num_atoms": int(np.sum(writer.natoms)),
             }
             say(f"{name}: {len(split_sids[name])} systems, {len(writer)} frames")
+        # ours, not fairchem's fit_linear_references/fit_normalizers: those give these files
+        # only in float64 (test_written_files_equal_fairchem_fits_in_float64; as shipped they
+        # round energies to float32) and need a second pass over the LMDB; this fit streams
         fit = stats.fit()
         if fit["energy_rmsd"] < DEGENERATE_ENERGY_RMSD and fit["num_frames"] > 1:
             say(f"WARNING: the per-element energy references reproduce every training energy "

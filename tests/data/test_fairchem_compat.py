@@ -115,6 +115,37 @@ def test_normalizers_load_and_match_fairchem_fit(demo_out: Path) -> None:
     assert forces.rmsd.item() == pytest.approx(fitted["forces"].rmsd.item(), rel=1e-4)
 
 
+def test_written_files_equal_fairchem_fits_in_float64(demo_out: Path) -> None:
+    """The three files are fairchem's own fit_linear_references / fit_normalizers on the same
+    train LMDB, run in float64 (fairchem allocates its matrices in torch's default dtype; as
+    shipped, float32, it agrees to float32 rounding: the test above), fitted while converting."""
+    train = LmdbDataset({"src": str(demo_out / "train")})
+    kw = {"batch_size": len(train), "shuffle": False}
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        references = fit_linear_references(["energy"], train, log_metrics=False, **kw)
+        energy = fit_normalizers(["energy"], train, override_values={},  # fairchem needs a dict
+                                 element_references=references, **kw)
+        forces = fit_normalizers(["forces"], train, override_values={"forces": {"mean": 0.0}},
+                                 **kw)
+    finally:
+        torch.set_default_dtype(default)
+    theirs = references["energy"].element_references
+    assert theirs.dtype == torch.float64
+    ours = np.load(demo_out / "element_references.npz")["element_references"]
+    assert ours.shape == theirs.shape == (119,)
+    np.testing.assert_array_equal(ours != 0, theirs.numpy() != 0)  # the same elements fitted
+    np.testing.assert_allclose(ours, theirs.numpy(), rtol=0, atol=1e-8)  # eV per atom
+    for name, fitted in (("energy", energy["energy"]), ("forces", forces["forces"])):
+        written = np.load(demo_out / f"{name}_normalizer.npz")
+        assert written["mean"].dtype == written["rmsd"].dtype == np.float32
+        # the files hold float32: equal to fairchem's float64 values rounded to float32
+        np.testing.assert_allclose(written["mean"], fitted.mean.item(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(written["rmsd"], fitted.rmsd.item(), rtol=1e-6)
+    assert float(np.load(demo_out / "forces_normalizer.npz")["mean"]) == 0.0
+
+
 def test_printed_yaml_loads_through_trainer_code_path(demo_conversion: dict) -> None:
     """The snippet, placed in a config, is what BaseTrainer reads (no refitting)."""
     dataset_config = yaml.safe_load(demo_conversion["config_snippet"])["dataset"]

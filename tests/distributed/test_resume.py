@@ -2,7 +2,8 @@
 training-state checkpoint gives the same per-step losses and learning rates as the uninterrupted
 run (same seed), because the checkpoint carries the global RNG states that EquiformerV2's random
 edge-frame rolls draw from, and the loader realigns the LR scheduler that fairchem saves one step
-behind."""
+behind. Each test runs for DeNS (``DenoisingForcesTrainer``) and for plain EquiformerV2 with
+``fairchem_dens.resume.ExactResumeForcesTrainer`` (``eqv2_exact_resume_cpu.yml``)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,34 @@ import pytest
 import torch
 
 from fairchem_dens.rng import RNG_STATE_KEY
-from tests.conftest import demo_config
+from tests.conftest import REPO, demo_config
 
 DENS = {"prob": 0.5, "corrupt_ratio": 0.5, "std": 0.1, "coefficient": 10}
 # 2 steps of 4 structures per epoch, no validation, fairchem's periodic checkpoint every step
 KW = {"first_n": 8, "eval_every": 1000, "checkpoint_every": 1}
+DEMO = REPO / "configs" / "oc20" / "s2ef" / "demo"
+VARIANTS = ("dens", "plain")  # DeNS trainer; plain EquiformerV2 + ExactResumeForcesTrainer
+
+
+def resume_config(variant: str, demo_lmdb, run_dir, **optim) -> dict:
+    """The DeNS demo config, or the plain one with eqv2_exact_resume_cpu.yml's trainer."""
+    if variant == "dens":
+        return demo_config(demo_lmdb, DENS, run_dir, **optim)
+    from fairchem.core.common.utils import load_config
+
+    config = demo_config(demo_lmdb, None, run_dir, **optim)  # eqv2_cpu.yml
+    config["trainer"] = load_config(str(DEMO / "eqv2_exact_resume_cpu.yml"))[0]["trainer"]
+    return config
+
+
+def test_exact_resume_config_is_the_plain_config_with_its_trainer() -> None:
+    from fairchem.core.common.utils import load_config
+
+    exact = load_config(str(DEMO / "eqv2_exact_resume_cpu.yml"))[0]
+    plain = load_config(str(DEMO / "eqv2_cpu.yml"))[0]
+    assert exact.pop("trainer") == "fairchem_dens.resume.ExactResumeForcesTrainer"
+    assert plain.pop("trainer") == "equiformerv2_forces"
+    assert exact == plain
 
 
 def make_trainer(config: dict, seed: int = 3):
@@ -56,15 +80,17 @@ def record_losses(trainer, lrs: list[float] | None = None,
 
 
 @pytest.mark.timeout(300)
-def test_resume_from_training_checkpoint_is_exact(demo_lmdb, tmp_path) -> None:
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_resume_from_training_checkpoint_is_exact(variant, demo_lmdb, tmp_path) -> None:
     straight_lrs: list[float] = []
     straight = record_losses(make_trainer(
-        demo_config(demo_lmdb, DENS, tmp_path / "straight", max_epochs=2, **KW)), straight_lrs)
+        resume_config(variant, demo_lmdb, tmp_path / "straight", max_epochs=2, **KW)),
+        straight_lrs)
     assert len(straight) == 4
 
     # the same run killed during step 3; resume from the checkpoint fairchem's loop wrote after
     # step 2 (before that step's scheduler.step())
-    first = make_trainer(demo_config(demo_lmdb, DENS, tmp_path / "first", max_epochs=2, **KW))
+    first = make_trainer(resume_config(variant, demo_lmdb, tmp_path / "first", max_epochs=2, **KW))
     head = record_losses(first, kill_at=3)
     assert len(head) == 2
     assert RNG_STATE_KEY not in first.config  # only in the files, not left in the live config
@@ -73,7 +99,8 @@ def test_resume_from_training_checkpoint_is_exact(demo_lmdb, tmp_path) -> None:
     assert state["step"] == 2 and RNG_STATE_KEY in state["config"]
     assert state["scheduler"]["last_epoch"] == 1  # one behind: the loader catches up
 
-    resumed = make_trainer(demo_config(demo_lmdb, DENS, tmp_path / "resumed", max_epochs=2, **KW))
+    resumed = make_trainer(
+        resume_config(variant, demo_lmdb, tmp_path / "resumed", max_epochs=2, **KW))
     torch.manual_seed(1234)  # whatever the resuming process did before: the checkpoint rules
     resumed.load_checkpoint(str(ckpt))
     lrs: list[float] = []
@@ -83,7 +110,7 @@ def test_resume_from_training_checkpoint_is_exact(demo_lmdb, tmp_path) -> None:
 
     # the control: a stock checkpoint (no RNG states) resumes with different edge-frame rolls
     del state["config"][RNG_STATE_KEY]
-    stock = make_trainer(demo_config(demo_lmdb, DENS, tmp_path / "stock", max_epochs=2, **KW))
+    stock = make_trainer(resume_config(variant, demo_lmdb, tmp_path / "stock", max_epochs=2, **KW))
     stock.load_checkpoint(str(ckpt), checkpoint=state)
     assert record_losses(stock) != tail
 
@@ -98,13 +125,40 @@ def test_inference_load_leaves_the_generators_alone(demo_lmdb, tmp_path) -> None
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_preemption_during_a_save_leaves_a_complete_checkpoint(demo_lmdb, tmp_path,
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_generators_restored_when_training_starts_not_on_load(variant, demo_lmdb, tmp_path,
+                                                               monkeypatch) -> None:
+    """fairchem's task set-up loads the checkpoint (not inference-only) in every --mode, so
+    predict/validate/run-relaxations must not inherit the training run's generator states
+    (their outputs would depend on the checkpoint, not on --seed); train() restores them."""
+    from fairchem.core.trainers.ocp_trainer import OCPTrainer
+
+    trainer = make_trainer(resume_config(variant, demo_lmdb, tmp_path / "t", max_epochs=2, **KW))
+    ckpt = trainer.save(checkpoint_file="checkpoint.pt", training_state=True)
+    saved_next = torch.rand(3)  # the draw the saved run makes next
+    torch.manual_seed(7)
+    seeded = torch.rand(3)
+    torch.manual_seed(7)
+    trainer.load_checkpoint(ckpt)  # what TrainTask and PredictTask both do
+    assert torch.equal(torch.rand(3), seeded)  # --seed rules until training starts
+    first_draw = []
+    monkeypatch.setattr(OCPTrainer, "train",
+                        lambda self, disable_eval_tqdm=False: first_draw.append(torch.rand(3)))
+    trainer.train()
+    assert torch.equal(first_draw[0], saved_next)
+    first_draw.clear()
+    trainer.train()  # restored once: a second call continues from where the first left off
+    assert not torch.equal(first_draw[0], saved_next)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_preemption_during_a_save_leaves_a_complete_checkpoint(variant, demo_lmdb, tmp_path,
                                                                  monkeypatch) -> None:
     """submitit's handler runs Runner.checkpoint (a nested save of the same file) while the loop
     is in its own save, then exits the process: the file on disk must be the nested save's."""
     import fairchem.core.trainers.base_trainer as base_trainer
 
-    trainer = make_trainer(demo_config(demo_lmdb, DENS, tmp_path / "t", max_epochs=1, **KW))
+    trainer = make_trainer(resume_config(variant, demo_lmdb, tmp_path / "t", max_epochs=1, **KW))
     write = base_trainer.save_checkpoint
     calls = []
 

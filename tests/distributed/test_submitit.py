@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fairchem_dens.demo import data_overrides
+from fairchem_dens.runs import data_overrides
 from tests.conftest import REPO
 
 CONFIG = REPO / "configs" / "oc20" / "s2ef" / "demo" / "eqv2_dens_cpu.yml"

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fairchem_dens.demo import data_overrides, parse_val_metrics
+from fairchem_dens.runs import data_overrides, parse_val_metrics
 from tests.conftest import REPO
 
 CONFIGS = REPO / "configs" / "oc20" / "s2ef" / "demo"

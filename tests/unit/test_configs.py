@@ -42,10 +42,14 @@ def test_config_loads_and_builds(path: Path) -> None:
     model = build_model(config)
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params > 0
-    if "fairchem_dens" in config["trainer"]:
+    if "fairchem_dens.trainer" in config["trainer"]:
         dens = DeNSConfig.from_optim(config["optim"])
         assert dens.enabled
         assert isinstance(model.backbone, DeNSBackboneMixin)
         assert len(noise_head_names(model)) == 1
         assert trainer_cls.__name__ == "DenoisingForcesTrainer"
+    else:  # plain fairchem, or plain with fairchem_dens.resume's exact-resume trainer
+        assert "dens" not in config["optim"]
+        assert not isinstance(model.backbone, DeNSBackboneMixin)
+        assert noise_head_names(model) == []
     print(f"{path.name}: {n_params / 1e6:.2f}M parameters")

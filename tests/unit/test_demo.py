@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fairchem_dens.cli import build_parser
-from fairchem_dens.demo import data_overrides, parse_val_metrics
+from fairchem_dens.runs import data_overrides, parse_val_metrics
 
 LOG = """\
 2026-11-21 14:35:00 base_trainer.py:863: (INFO): Evaluating on val.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fairchem_dens.demo import data_overrides
+from fairchem_dens.runs import data_overrides
 from tests.conftest import REPO
 
 CONFIGS = REPO / "configs" / "oc20" / "s2ef" / "demo"

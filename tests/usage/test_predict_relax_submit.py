@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from fairchem_dens.demo import data_overrides
 from fairchem_dens.export import export_file
+from fairchem_dens.runs import data_overrides
 from tests.conftest import SHARED
 from tests.usage.conftest import CONFIGS, FAIRCHEM, run
 
@@ -108,6 +108,32 @@ def test_predict_equals_ase_calculator_and_export(model, request, tmp_path) -> N
                                atol=1e-5)
     np.testing.assert_allclose(np.concatenate(forces), dens_npz["forces"], rtol=1e-5, atol=1e-5)
     assert list(dens_npz["ids"]) == ids
+
+
+def test_predict_from_training_checkpoint_equals_export_for_the_same_seed(dens_ckpt,
+                                                                          tmp_path) -> None:
+    """``--mode predict`` on ``checkpoint.pt`` (which carries the training run's generator
+    states) depends on ``--seed`` only: bit-identical to the exported plain checkpoint under
+    stock fairchem with the same seed, no re-seeding of the forwards (EquiformerV2 draws its
+    edge-frame roll angles from the global generator)."""
+    from fairchem_dens.rng import RNG_STATE_KEY
+
+    lmdb, last = dens_ckpt["lmdb"], dens_ckpt["last"]
+    assert RNG_STATE_KEY in torch.load(last, map_location="cpu")["config"]
+    test_src = copy_lmdb(lmdb / "val", tmp_path / "val")
+    opts = ["--dataset.test.first_n=4", "--task.prediction_dtype=float32", "--seed", "3"]
+    dens_npz = np.load(predict(CONFIGS / "eqv2_dens_cpu.yml", last, test_src, tmp_path / "p1",
+                               *opts, lmdb=lmdb))
+    plain = tmp_path / "plain.pt"
+    export_file(last, plain)
+    plain_npz = np.load(predict(CONFIGS / "eqv2_cpu.yml", plain, test_src, tmp_path / "p2",
+                                *opts, lmdb=lmdb))
+    for key in ("energy", "forces", "ids"):
+        np.testing.assert_array_equal(dens_npz[key], plain_npz[key])
+    # the seed matters (the control that makes the equality above meaningful)
+    other_npz = np.load(predict(CONFIGS / "eqv2_cpu.yml", plain, test_src, tmp_path / "p3",
+                                *opts[:-1], "4", lmdb=lmdb))
+    assert not np.array_equal(other_npz["forces"], plain_npz["forces"])
 
 
 def test_ase_relaxation_with_dens_checkpoint(dens_ckpt) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fairchem_dens.config import DeNSConfigError
-from fairchem_dens.demo import data_overrides
+from fairchem_dens.runs import data_overrides
 from tests.conftest import REPO, build_trainer, demo_config
 from tests.integration.test_pretrain import relaxed_lmdb  # noqa: F401 (fixture)
 from tests.usage.conftest import FAIRCHEM, run
