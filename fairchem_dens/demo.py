@@ -198,8 +198,11 @@ def reading(metrics: dict[str, dict[str, float]], baseline: dict[str, float]) ->
         line = (f"{names} learned the forces of unseen frames: force MAE "
                 f"{' / '.join(parts)} below predicting zero forces, cosine {cosines}.")
     elif not any(learned.values()):
+        maes = ", ".join(f"{m['forces_mae']:.4f}" for m in metrics.values())
+        cosines = ", ".join(f"{m.get('forces_cosine_similarity', float('nan')):.3f}"
+                            for m in metrics.values())
         return (f"{names} did not learn forces that transfer to the validation frames (force "
-                f"MAE near the zero-force baseline {floor:.4f} eV/A, cosine near 0): too little "
+                f"MAE {maes} eV/A vs {floor:.4f} for zero forces, cosine {cosines}): too little "
                 "data or training for this split; compare DeNS with plain only where a model "
                 "learns (e.g. the default --data md17).")
     else:

@@ -45,8 +45,8 @@ CHUNKS = (0, 1, 3)  # 0-1 train, 3 validation (chunk 2 is not needed)
 
 def check_round_trip(original: list[ase.Atoms], written: Path) -> None:
     """Assert the written file reproduces energies, forces, positions and species."""
-    with lzma.open(written, "rt") as handle:
-        reread = ase.io.read(handle, index=":", format="extxyz")
+    with lzma.open(written, "rt") as handle:  # decompressed first: ASE seeks in the stream
+        reread = ase.io.read(io.StringIO(handle.read()), index=":", format="extxyz")
     assert len(reread) == len(original), written
     for before, after in zip(original, reread):
         assert after.info["fid"] == before.info["fid"]
@@ -65,7 +65,7 @@ def main() -> None:
     if not args.source.is_file():
         parser.error(f"{args.source} not found (set FAIRCHEM_DENS_SHARED or --source)")
     with lzma.open(args.source, "rt") as handle:
-        frames = ase.io.read(handle, index=":", format="extxyz")
+        frames = ase.io.read(io.StringIO(handle.read()), index=":", format="extxyz")
     for fid, atoms in enumerate(frames):
         atoms.info["fid"] = fid
     args.out.mkdir(parents=True, exist_ok=True)
