@@ -190,7 +190,7 @@ def test_summary_table_lists_baseline_plain_and_dens() -> None:
     assert rows[3].split() == ["DeNS", "0.1234", "0.988", "0.1455", "2.0"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow()
 def test_demo_runs_end_to_end_and_prints_baseline_and_both_models(tmp_path) -> None:
     """Two steps per model (16 frames, batch 8) through the stock CLI, both variants side by
     side: the summary has the baseline, plain and DeNS rows and the reading."""
