@@ -222,15 +222,16 @@ def reading(metrics: dict[str, dict[str, float]], baseline: dict[str, float]) ->
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--data", choices=sorted(DATA), default="md17",
-                        help="md17 (default): MD17 ethanol, split in time; oc20: the bundled "
-                             "OC20 relaxations, split by system (the S2EF/EvalAI path)")
+                        help="md17 (default): MD17 ethanol, 1000 training and 500 validation "
+                             "frames; oc20: the bundled OC20 relaxations, split by system (the "
+                             "S2EF/EvalAI path)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "demo",
                         help="output directory (default: runs/demo); runs land in OUT/DATA/")
     parser.add_argument("--model", choices=("eqv2", "escn"), default="eqv2",
                         help="EquiformerV2 (default) or eSCN")
     parser.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
-                        help="also train the plain model (same model, seed, data order; default)"
-                             "; --no-compare trains the DeNS model only")
+                        help="also train the plain model with the same seed and data order (the "
+                             "default); --no-compare trains the DeNS model only")
     parser.add_argument("--sequential", action="store_true",
                         help="train DeNS and plain one after the other instead of side by side")
     parser.add_argument("--seed", type=int, default=0)
@@ -254,7 +255,8 @@ def run(args: argparse.Namespace) -> int:
     convert(ConversionOptions(inputs=[str(demo_data_dir(data.name))], out_dir=lmdb_dir,
                               val_systems=data.val_systems, energy_unit=data.energy_unit,
                               overwrite=True), log=print)
-    baseline = zero_output_errors(lmdb_dir, first_n=val_first_n(args.overrides))
+    first_n = val_first_n(args.overrides)
+    baseline = zero_output_errors(lmdb_dir, first_n=first_n)
 
     variants = ("dens", "plain") if args.compare else ("dens",)
     commands = {v: train_command(data.config(args.model, v), lmdb_dir,
@@ -263,7 +265,8 @@ def run(args: argparse.Namespace) -> int:
                 for v in variants}
     results = run_all(commands, out, parallel=not args.sequential)
 
-    print(f"\n=== {data.title}, {args.model}: validation on {data.split} "
+    where = data.split if first_n is None else f"the first {first_n} of {data.split}"
+    print(f"\n=== {data.title}, {args.model}: validation on {where} "
           "(last evaluation, EMA weights) ===")
     print("\n".join(summary_table(results, baseline)))
     print("Reading: " + reading({v: r["metrics"] for v, r in results.items()}, baseline))

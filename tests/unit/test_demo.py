@@ -202,6 +202,7 @@ def test_demo_runs_end_to_end_and_prints_baseline_and_both_models(tmp_path) -> N
         capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = proc.stdout[proc.stdout.index("=== MD17 ethanol, eqv2"):].splitlines()
+    assert summary[0].startswith("=== MD17 ethanol, eqv2: validation on the first 8 of 500 ")
     rows = {line.split()[0]: line.split() for line in summary[2:5]}
     assert set(rows) == {"zero-output", "plain", "DeNS"}
     val = _read(demo_data_dir("md17") / "ethanol_chunk3.extxyz.xz", ":8")
