@@ -1,77 +1,218 @@
-"""The README's main job (``make demo``): train EquiformerV2 + DeNS on the bundled real OC20 data.
+"""The README's main job (``make demo``): train EquiformerV2 with and without DeNS on bundled
+real DFT data and show what the models learned.
 
-1. converts the bundled OC20 trajectories (split by system) to fairchem LMDBs with
-   ``fairchem_dens.data.convert``;
-2. trains ``configs/oc20/s2ef/demo/eqv2_dens_cpu.yml`` through the stock ``fairchem`` console
-   script (``--mode train --cpu``), streaming its log;
-3. prints the validation energy and force MAE of the last evaluation.
+1. converts the bundled data to fairchem LMDBs with ``fairchem_dens.data.convert``:
+   by default (``--data md17``) 1500 frames sampled from the MD17 ethanol simulation
+   (1000 for training, 500 other frames for validation); ``--data oc20`` the 14 OC20
+   relaxations, split by system (the EvalAI-style S2EF path);
+2. trains the DeNS config and the plain baseline (same model, seed and data order) through the
+   stock ``fairchem`` console script (``--mode train --cpu``), side by side, streaming both logs;
+3. prints the validation force/energy MAE and force cosine of both next to the zero-output
+   baseline (zero forces, energy = element references), and one line on what they show.
 
-``--compare`` also trains the plain baseline (``eqv2_cpu.yml``: same model, data order and seed)
-and prints both; ``--model escn`` does the same with eSCN. Run ``python -m fairchem_dens.demo --help``.
+``--no-compare`` trains the DeNS model only; ``--model escn`` uses eSCN. Run
+``python -m fairchem_dens.demo --help``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from fairchem_dens.runs import data_overrides, parse_val_metrics  # re-exported for callers
+from fairchem_dens.runs import (  # data_overrides, parse_val_metrics re-exported for callers
+    data_overrides,
+    fairchem_executable,
+    parse_val_metrics,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO / "configs" / "oc20" / "s2ef" / "demo"
-CONFIGS = {  # (model, variant) -> demo config
-    ("eqv2", "dens"): "eqv2_dens_cpu.yml",
-    ("eqv2", "plain"): "eqv2_cpu.yml",
-    ("escn", "dens"): "escn_dens_cpu.yml",
-    ("escn", "plain"): "escn_cpu.yml",
+#: A model "learned" the forces when its force MAE is below this fraction of the zero-force
+#: baseline and its force cosine above LEARNED_COSINE.
+LEARNED_FRACTION = 0.5
+LEARNED_COSINE = 0.9
+VARIANT_NAMES = {"plain": "plain", "dens": "DeNS"}
+
+
+@dataclass(frozen=True)
+class DemoData:
+    """A bundled data set and how the demo converts and trains on it."""
+
+    name: str  # key of fairchem_dens.data.demo.DEMO_DATASETS
+    title: str
+    config_dir: Path  # holds {eqv2,escn}{,_dens}_cpu.yml
+    val_systems: tuple[int, ...]  # converter system ids (file-name digits) held out for val
+    energy_unit: str
+    split: str  # what the validation frames are, for the summary
+
+    def config(self, model: str, variant: str) -> Path:
+        """Config of ``model`` (``eqv2``/``escn``) and ``variant`` (``dens``/``plain``)."""
+        return self.config_dir / f"{model}{'_dens' if variant == 'dens' else ''}_cpu.yml"
+
+
+DATA = {
+    "md17": DemoData(
+        "md17", "MD17 ethanol", REPO / "configs" / "md17" / "demo", (3,), "kcal/mol",
+        "500 held-out frames (file frames 1500-1999; training: 0-999)"),
+    # Validation systems whose elements all occur in the other 12 bundled systems, so the
+    # linear energy references (fitted on train) cover them.
+    "oc20": DemoData(
+        "oc20", "OC20 S2EF", REPO / "configs" / "oc20" / "s2ef" / "demo", (1000100, 1000161),
+        "eV", "2 held-out OC20 systems (sids 1000100, 1000161; training: the other 12)"),
 }
-# Validation systems whose elements all occur in the other 12 bundled systems, so the linear
-# energy references (fitted on train) cover them and val energy MAE is meaningful.
-DEMO_VAL_SYSTEMS = (1000100, 1000161)
+DEMO_VAL_SYSTEMS = DATA["oc20"].val_systems  # kept for callers of the OC20 demo split
 
 
-def train(model: str, variant: str, lmdb_dir: Path, out: Path, seed: int,
-          extra: list[str]) -> dict:
-    """Run the stock fairchem CLI on one demo config; returns the last val metrics."""
-    fairchem = Path(sys.executable).with_name("fairchem")
-    cmd = [
-        str(fairchem) if fairchem.exists() else "fairchem",
+def val_first_n(overrides: list[str]) -> int | None:
+    """The ``--dataset.val.first_n=N`` among fairchem ``overrides``, if any (the baseline must
+    score the same validation frames as the runs)."""
+    values = [o.split("=", 1)[1] for o in overrides if o.startswith("--dataset.val.first_n=")]
+    return int(values[-1]) if values else None
+
+
+def train_command(config: Path, lmdb_dir: Path, run_dir: Path, identifier: str, seed: int,
+                  extra: list[str]) -> list[str]:
+    """The stock ``fairchem --mode train --cpu`` command line of one demo run."""
+    return [
+        fairchem_executable(),
         "--mode", "train",
-        "--config-yml", str(CONFIG_DIR / CONFIGS[model, variant]),
+        "--config-yml", str(config),
         "--cpu",
-        "--run-dir", str(out / f"{model}_{variant}"),
-        "--identifier", f"{model}_{variant}",
+        "--run-dir", str(run_dir),
+        "--identifier", identifier,
         "--seed", str(seed),
         *data_overrides(lmdb_dir),
         *extra,
     ]
-    print(f"\n$ {' '.join(cmd)}\n", flush=True)
-    start, lines = time.time(), []
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          cwd=REPO, bufsize=1) as proc:
+
+
+def run_all(commands: dict[str, list[str]], out: Path, parallel: bool) -> dict[str, dict]:
+    """Run the fairchem commands (``variant -> argv``), side by side when ``parallel``.
+
+    Each log line is echoed with a ``[variant]`` prefix and saved to ``out/<variant>.log``.
+    With several runs in parallel, each child gets an equal share of the CPU cores as
+    ``OMP_NUM_THREADS`` unless the caller set it.
+
+    Returns
+    -------
+    dict
+        ``variant -> {"metrics": last val metrics, "curve": every val evaluation,
+        "minutes": wall time}``.
+    """
+    env = dict(os.environ)
+    if parallel and len(commands) > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(commands)))
+    lock, results = threading.Lock(), {}
+
+    def stream(variant: str, proc: subprocess.Popen, lines: list[str]) -> None:
         for line in proc.stdout:
-            sys.stdout.write(line)
             lines.append(line)
-    log, log_file = "".join(lines), out / f"{model}_{variant}.log"
-    log_file.write_text(log)
-    if proc.returncode != 0:
-        raise SystemExit(f"fairchem exited with {proc.returncode}; log in {log_file}")
-    evaluations = parse_val_metrics(log)
-    if not evaluations:
-        raise SystemExit(f"no validation metrics in {log_file}")
-    return {"metrics": evaluations[-1], "minutes": (time.time() - start) / 60}
+            with lock:
+                sys.stdout.write(f"[{variant}] {line}")
+        proc.wait()
+
+    def start(variant: str) -> tuple[subprocess.Popen, list[str], threading.Thread, float]:
+        print(f"\n[{variant}] $ {' '.join(commands[variant])}\n", flush=True)
+        proc = subprocess.Popen(commands[variant], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, cwd=REPO, bufsize=1, env=env)
+        lines: list[str] = []
+        thread = threading.Thread(target=stream, args=(variant, proc, lines), daemon=True)
+        thread.start()
+        return proc, lines, thread, time.time()
+
+    def finish(variant: str, proc, lines, thread, started) -> None:
+        thread.join()
+        log, log_file = "".join(lines), out / f"{variant}.log"
+        log_file.write_text(log)
+        if proc.returncode != 0:
+            raise SystemExit(f"fairchem exited with {proc.returncode}; log in {log_file}")
+        evaluations = parse_val_metrics(log)
+        if not evaluations:
+            raise SystemExit(f"no validation metrics in {log_file}")
+        results[variant] = {"metrics": evaluations[-1], "curve": evaluations,
+                            "minutes": (time.time() - started) / 60}
+
+    if parallel:
+        running = {variant: start(variant) for variant in commands}
+        for variant, handles in running.items():
+            finish(variant, *handles)
+    else:
+        for variant in commands:
+            finish(variant, *start(variant))
+    return results
+
+
+def summary_table(results: dict[str, dict], baseline: dict[str, float]) -> list[str]:
+    """Rows of the final table: the zero-output baseline, then each trained variant."""
+    rows = [f"{'':<22}{'force MAE (eV/A)':>18}{'force cos':>11}{'energy MAE (eV)':>17}"
+            f"{'minutes':>9}",
+            f"{'zero-output baseline':<22}{baseline['forces_mae']:>18.4f}{'0':>11}"
+            f"{baseline['energy_mae']:>17.4f}{'-':>9}"]
+    for variant in ("plain", "dens"):
+        if variant in results:
+            m = results[variant]["metrics"]
+            rows.append(f"{VARIANT_NAMES[variant]:<22}{m['forces_mae']:>18.4f}"
+                        f"{m.get('forces_cosine_similarity', float('nan')):>11.3f}"
+                        f"{m['energy_mae']:>17.4f}{results[variant]['minutes']:>9.1f}")
+    return rows
+
+
+def reading(metrics: dict[str, dict[str, float]], baseline: dict[str, float]) -> str:
+    """One line on what the validation metrics (``variant -> metrics``) show against the
+    zero-output ``baseline``: whether the models learned forces, and DeNS vs plain."""
+    metrics = {v: metrics[v] for v in ("plain", "dens") if v in metrics}
+    floor = baseline["forces_mae"]
+    learned = {v: m["forces_mae"] < LEARNED_FRACTION * floor
+               and m.get("forces_cosine_similarity", 0.0) > LEARNED_COSINE
+               for v, m in metrics.items()}
+    names = " and ".join(VARIANT_NAMES[v] for v in metrics)
+    if all(learned.values()):
+        parts = [f"{VARIANT_NAMES[v]} {floor / m['forces_mae']:.0f}x" for v, m in metrics.items()]
+        cosines = ", ".join(f"{m['forces_cosine_similarity']:.3f}" for m in metrics.values())
+        line = (f"{names} learned the forces of unseen frames: force MAE "
+                f"{' / '.join(parts)} below predicting zero forces, cosine {cosines}.")
+    elif not any(learned.values()):
+        maes = ", ".join(f"{m['forces_mae']:.4f}" for m in metrics.values())
+        cosines = ", ".join(f"{m.get('forces_cosine_similarity', float('nan')):.3f}"
+                            for m in metrics.values())
+        return (f"{names} did not learn forces that transfer to the validation frames (force "
+                f"MAE {maes} eV/A vs {floor:.4f} for zero forces, cosine {cosines}): too little "
+                "data or training for this split; compare DeNS with plain only where a model "
+                "learns (e.g. the default --data md17).")
+    else:
+        line = "; ".join(f"{VARIANT_NAMES[v]} {'learned' if ok else 'did not learn'} the forces"
+                         for v, ok in learned.items()) + "."
+    if "energy_mae" in baseline and all(
+            m["energy_mae"] > 0.9 * baseline["energy_mae"] for m in metrics.values()):
+        line += (" Energies are not learned beyond the per-element references at this length"
+                 " of training.")
+    if {"dens", "plain"} <= set(metrics):
+        ratio = metrics["dens"]["forces_mae"] / metrics["plain"]["forces_mae"]
+        line += (f" DeNS/plain force MAE {ratio:.3f} ({'better' if ratio < 1 else 'worse'} by "
+                 f"{abs(1 - ratio) * 100:.1f} %, one seed; BENCHMARKS.md has seeds and the regime"
+                 " where the sign flips).")
+    return line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--data", choices=sorted(DATA), default="md17",
+                        help="md17 (default): MD17 ethanol, 1000 training and 500 validation "
+                             "frames; oc20: the bundled OC20 relaxations, split by system (the "
+                             "S2EF/EvalAI path)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "demo",
-                        help="output directory (default: runs/demo)")
+                        help="output directory (default: runs/demo); runs land in OUT/DATA/")
     parser.add_argument("--model", choices=("eqv2", "escn"), default="eqv2",
                         help="EquiformerV2 (default) or eSCN")
-    parser.add_argument("--compare", action="store_true",
-                        help="also train the plain baseline (same model, seed, data order)")
+    parser.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
+                        help="also train the plain model with the same seed and data order (the "
+                             "default); --no-compare trains the DeNS model only")
+    parser.add_argument("--sequential", action="store_true",
+                        help="train DeNS and plain one after the other instead of side by side")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*",
                         help="extra fairchem overrides, e.g. --optim.max_epochs=2 (after --)")
@@ -79,38 +220,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not CONFIG_DIR.is_dir():
-        raise SystemExit(f"demo configs not found at {CONFIG_DIR}: run from a fairchem-dens checkout")
+    data = DATA[args.data]
+    if not data.config_dir.is_dir():
+        raise SystemExit(f"demo configs not found at {data.config_dir}: run from a fairchem-dens "
+                         "checkout")
 
     from fairchem_dens.data import ConversionOptions, convert, demo_data_dir
+    from fairchem_dens.data.baselines import zero_output_errors
 
-    out = args.out.resolve()
+    out = args.out.resolve() / data.name
     lmdb_dir = out / "lmdb"
-    print(f"converting the bundled OC20 trajectories in {demo_data_dir()} -> {lmdb_dir}")
-    convert(ConversionOptions(inputs=[str(demo_data_dir())], out_dir=lmdb_dir,
-                              val_systems=DEMO_VAL_SYSTEMS, overwrite=True), log=print)
+    print(f"converting the bundled {data.title} data in {demo_data_dir(data.name)} -> {lmdb_dir}")
+    convert(ConversionOptions(inputs=[str(demo_data_dir(data.name))], out_dir=lmdb_dir,
+                              val_systems=data.val_systems, energy_unit=data.energy_unit,
+                              overwrite=True), log=print)
+    first_n = val_first_n(args.overrides)
+    baseline = zero_output_errors(lmdb_dir, first_n=first_n)
 
-    results = {}
-    for variant in ("dens", "plain") if args.compare else ("dens",):
-        results[variant] = train(args.model, variant, lmdb_dir, out, args.seed, args.overrides)
+    variants = ("dens", "plain") if args.compare else ("dens",)
+    commands = {v: train_command(data.config(args.model, v), lmdb_dir,
+                                 out / f"{args.model}_{v}", f"{args.model}_{v}", args.seed,
+                                 args.overrides)
+                for v in variants}
+    results = run_all(commands, out, parallel=not args.sequential)
 
-    print(f"\n=== {args.model}: validation on {len(DEMO_VAL_SYSTEMS)} held-out systems "
+    where = data.split if first_n is None else f"the first {first_n} of {data.split}"
+    print(f"\n=== {data.title}, {args.model}: validation on {where} "
           "(last evaluation, EMA weights) ===")
-    for variant, result in results.items():
-        m = result["metrics"]
-        print(f"{variant:>5}: force MAE {m['forces_mae']:.4f} eV/A, energy MAE "
-              f"{m['energy_mae']:.4f} eV, force cos {m.get('forces_cosine_similarity', 0):.3f} "
-              f"({result['minutes']:.1f} min)")
-    if "plain" in results:
-        ratio = results["dens"]["metrics"]["forces_mae"] / results["plain"]["metrics"]["forces_mae"]
-        print(f"force MAE ratio DeNS / plain: {ratio:.3f}")
+    print("\n".join(summary_table(results, baseline)))
+    print("Reading: " + reading({v: r["metrics"] for v, r in results.items()}, baseline))
+    print(f"Logs, checkpoints and tensorboard files: {out}")
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """``fairchem-dens demo``."""
     parser = subparsers.add_parser(
-        "demo", help="train EquiformerV2/eSCN + DeNS on the bundled real OC20 data",
+        "demo", help="train EquiformerV2/eSCN with and without DeNS on bundled real DFT data",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser).set_defaults(func=run)
 

@@ -45,7 +45,7 @@ PLAIN_TRAINER = "equiformerv2_forces"
 SUMMARY = "turn a DeNS checkpoint into a plain fairchem EquiformerV2/eSCN checkpoint"
 EPILOG = """\
 examples:
-  fairchem-dens export runs/demo/checkpoints/<id>/best_checkpoint.pt eqv2_plain.pt
+  fairchem-dens export runs/demo/oc20/eqv2_dens/checkpoints/<id>/best_checkpoint.pt eqv2_plain.pt
   # then, with fairchem alone:
   fairchem --mode predict --config-yml configs/oc20/s2ef/demo/eqv2_cpu.yml --cpu \\
       --checkpoint eqv2_plain.pt --dataset.test.src=/data/s2ef/test_id
