@@ -38,6 +38,7 @@ import numpy as np
 from ase.data import chemical_symbols
 
 from fairchem_dens import __version__
+from fairchem_dens.data.force_scale import forces_normalizer_fit
 from fairchem_dens.data.frames import build_data, frame_record
 from fairchem_dens.data.lmdb_writer import LmdbWriter, write_metadata
 from fairchem_dens.data.options import SPLIT_NAMES, ConversionError, ConversionOptions
@@ -216,7 +217,7 @@ def convert(options: ConversionOptions, log: Callable[[str], None] | None = None
                 "num_atoms": int(np.sum(writer.natoms)),
             }
             say(f"{name}: {len(split_sids[name])} systems, {len(writer)} frames")
-        fit = stats.fit()
+        fit = forces_normalizer_fit(stats.fit(), options.forces_normalizer)
         if fit["energy_rmsd"] < DEGENERATE_ENERGY_RMSD and fit["num_frames"] > 1:
             say(f"WARNING: the per-element energy references reproduce every training energy "
                 f"(residual std {fit['energy_rmsd']:.2e} eV over {fit['num_frames']} frames of "
