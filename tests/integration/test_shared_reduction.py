@@ -7,6 +7,7 @@ noise targets eps/std_high)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -81,9 +82,9 @@ def test_without_corruption_it_is_fairchem_s_forces_loss(trainer) -> None:
     fairchem's own l2mae forces term."""
     batch = next(iter(trainer.train_loader))
     trainer.model.train()
-    trainer._training_step = True
-    trainer._dens_step = None
-    out = trainer._unwrapped_model(copy.copy(batch))
+    trainer.dens = dataclasses.replace(trainer.dens, prob=0.0)
+    out = trainer._forward(batch)
+    assert trainer._training_step and trainer._dens_step is None
     shared = trainer._compute_loss(out, batch)
     plain = super(type(trainer), trainer)._compute_loss(out, batch)
     assert torch.allclose(shared, plain, rtol=1e-6)
