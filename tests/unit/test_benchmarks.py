@@ -73,7 +73,8 @@ def test_smoke_shrinks_a_suite_to_one_tiny_run_per_variant() -> None:
     assert tiny.name == "faithful_smoke" and tiny.seeds == (0,)
     assert set(tiny.epochs.values()) == {1}
     assert tiny.extra["md17_sigma_e_200"] == ("--dataset.train.first_n=16",
-                                              "--dataset.val.first_n=8")
+                                              "--dataset.val.first_n=8",
+                                              "--optim.scheduler_params.warmup_epochs=1")
     assert tiny.ablations == accuracy.SUITES["faithful"].ablations
 
 
