@@ -13,6 +13,9 @@ Suites::
     python benchmarks/accuracy.py --quick      # smoke check, < 5 min: OC20, 1 seed, 40 steps
     python benchmarks/accuracy.py              # the full suite (BENCHMARKS.md), ~60 min on 2 cores
     python benchmarks/accuracy.py --suite regime  # MD17, 200 training frames, 40 epochs
+    python benchmarks/accuracy.py --suite faithful  # the authors' MD17 recipe, to the plateau
+    python benchmarks/accuracy.py --suite mlearn    # mlearn Si and Mo (bulk), to the plateau
+    python benchmarks/accuracy.py --suite mlearn --smoke  # any suite shrunk to one tiny run each
 
 Full suite: OC20 trajectories split by system (benchmarks/datasets.py), plain vs DeNS with 3
 seeds, plus one-seed ablations (no force encoding; multi-scale sigma normalised by sigma and by
@@ -20,11 +23,19 @@ sigma_high; one DeNS coin per batch instead of per structure); MD17 ethanol,
 plain vs DeNS with 3 seeds. Results (JSON, a Markdown table and learning-curve PNGs) go to
 ``--results`` (default ``benchmarks/results``); runs (logs, checkpoints) to
 ``runs/benchmarks/accuracy``. Finished runs are reused (see ``runner.py``).
+
+``faithful`` (issue 14): MD17 ethanol with the authors' MD17 recipe (forces / sigma_E, L2MAE,
+lambda_DeNS decayed linearly to 0), 1000 and 200 training frames, 3 seeds, plus one ablation per
+fixed item (force RMS normaliser, constant lambda, MAE loss, the OC shared denominator), each
+with the plain run it is compared with. ``mlearn``: Si and Mo (periodic bulk; test split
+evaluated after training), 3 seeds. Both report whether the plain model's validation force MAE
+has plateaued (:func:`plateau`), the plain model's training force MAE and the zero-force floor.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -52,8 +63,20 @@ CONFIGS = {  # (dataset, plain|dens) -> config
     ("oc20", "dens"): DEMO_CONFIGS / "eqv2_dens_cpu.yml",
     ("md17", "plain"): BENCH_CONFIGS / "md17_eqv2_cpu.yml",
     ("md17", "dens"): BENCH_CONFIGS / "md17_eqv2_dens_cpu.yml",
+    **{(name, kind): BENCH_CONFIGS / f"md17_eqv2{'_dens' if kind == 'dens' else ''}_faithful_cpu.yml"
+       for name in ("md17_sigma_e", "md17_sigma_e_200") for kind in ("plain", "dens")},
+    **{(name, kind): BENCH_CONFIGS / f"mlearn_eqv2{'_dens' if kind == 'dens' else ''}_cpu.yml"
+       for name in ("mlearn_si", "mlearn_mo") for kind in ("plain", "dens")},
 }
-BATCH_SIZE = {"oc20": 4, "md17": 8}
+BATCH_SIZE = {"oc20": 4, "md17": 8, "md17_sigma_e": 8, "md17_sigma_e_200": 8, "mlearn_si": 4,
+              "mlearn_mo": 4}
+#: Published mlearn test force MAEs (eV/A) of Zuo et al., J. Phys. Chem. A 124, 731 (2020), for
+#: context. TODO: not filled in — the numbers were not available to check here; copy them from
+#: the paper's force-MAE table (GAP, MTP, NNP, SNAP) rather than from memory.
+MLEARN_PUBLISHED_FORCE_MAE: dict[str, dict[str, float | None]] = {
+    "mlearn_si": {"GAP": None, "MTP": None, "NNP": None, "SNAP": None},
+    "mlearn_mo": {"GAP": None, "MTP": None, "NNP": None, "SNAP": None},
+}
 
 
 @dataclass(frozen=True)
@@ -63,6 +86,9 @@ class Variant:
     name: str
     dens: dict | None = None
     description: str = ""
+    config: Path | None = None  # instead of CONFIGS[dataset, kind]
+    data: str | None = None  # another dataset than the suite's (e.g. another normaliser)
+    baseline: str = "plain"  # the variant its force MAE ratio is taken against
 
     @property
     def kind(self) -> str:
@@ -85,6 +111,21 @@ OC20_ABLATIONS = (
             "multi-scale sigma 0.01-0.1 A, target eps/sigma_high (official code)"),
     Variant("per_batch", {"selection": "batch"}, "one DeNS coin per batch (official code)"),
 )
+# The authors' MD17 recipe with one of issue 14's fixes undone (each next to its own baseline).
+FAITHFUL_ABLATIONS = (
+    Variant("plain_rms", None, "plain, forces / their RMS (old scale)", data="md17",
+            config=BENCH_CONFIGS / "md17_eqv2_faithful_cpu.yml"),
+    Variant("dens_rms", {}, "forces / their RMS instead of sigma_E (item 1)", data="md17",
+            config=BENCH_CONFIGS / "md17_eqv2_dens_faithful_cpu.yml", baseline="plain_rms"),
+    Variant("dens_constant", {"coefficient_schedule": "constant"},
+            "lambda_DeNS constant instead of decayed (item 2)"),
+    Variant("dens_shared", {"reduction": "shared_free_atoms"},
+            "OC shared denominator instead of per-term means (item 3)"),
+    Variant("plain_mae", None, "plain, MAE forces loss (old loss)",
+            config=BENCH_CONFIGS / "md17_eqv2_cpu.yml"),
+    Variant("dens_mae", {"coefficient_schedule": "linear"}, "MAE instead of L2MAE (item 4)",
+            config=BENCH_CONFIGS / "md17_eqv2_dens_cpu.yml", baseline="plain_mae"),
+)
 
 
 @dataclass
@@ -96,6 +137,7 @@ class Suite:
     ablations: dict[str, tuple[Variant, ...]] = field(default_factory=dict)  # seed 0 only
     evals_per_epoch: dict[str, int] = field(default_factory=lambda: {"oc20": 2, "md17": 1})
     extra: dict[str, tuple[str, ...]] = field(default_factory=dict)  # dataset -> overrides
+    ablation_seeds: tuple[int, ...] | None = None  # default: the first seed
 
 
 SUITES = {
@@ -110,11 +152,50 @@ SUITES = {
     "regime": Suite("regime", {"md17": 40}, (0, 1), {"md17": (PLAIN, DENS)},
                     evals_per_epoch={"md17": 1},
                     extra={"md17": ("--dataset.train.first_n=200",)}),
+    # issue 14. Lengths are first guesses (the paper's MD17 runs: 1500 epochs); the summary
+    # says whether the plain model plateaued, else rerun with more epochs (--epochs NAME=N).
+    "faithful": Suite("faithful", {"md17_sigma_e": 60, "md17_sigma_e_200": 300}, (0, 1, 2),
+                      {"md17_sigma_e": (PLAIN, DENS), "md17_sigma_e_200": (PLAIN, DENS)},
+                      {"md17_sigma_e": FAITHFUL_ABLATIONS},
+                      evals_per_epoch={"md17_sigma_e": 1, "md17_sigma_e_200": 0.2},
+                      extra={"md17_sigma_e_200": ("--dataset.train.first_n=200",)}),
+    "mlearn": Suite("mlearn", {"mlearn_si": 100, "mlearn_mo": 100}, (0, 1, 2),
+                    {"mlearn_si": (PLAIN, DENS), "mlearn_mo": (PLAIN, DENS)},
+                    evals_per_epoch={"mlearn_si": 0.5, "mlearn_mo": 0.5}),
 }
+
+
+def smoke(suite: Suite) -> Suite:
+    """``suite`` shrunk to a check that every run starts, trains and evaluates: one seed, one
+    epoch of 16 training frames, 8 validation frames, ablations kept (each one tiny run). The
+    warm-up lasts the one epoch (fairchem's cosine schedule divides by int(warmup_epochs x steps
+    per epoch), 0 for the configs' fractional warm-ups over so few steps)."""
+    tiny = ("--dataset.train.first_n=16", "--dataset.val.first_n=8",
+            "--optim.scheduler_params.warmup_epochs=1")
+    return Suite(f"{suite.name}_smoke", {name: 1 for name in suite.epochs}, suite.seeds[:1],
+                 suite.variants, suite.ablations, {name: 1 for name in suite.epochs},
+                 {name: (*[o for o in suite.extra.get(name, ())
+                           if not o.startswith("--dataset.train.first_n=")], *tiny)
+                  for name in suite.epochs})
+
+
+def plateau(values: list[float], tail: float = 0.25, tol: float = 0.01) -> tuple[bool, float]:
+    """Plateau criterion of a validation curve: the best value of its last ``tail`` fraction of
+    evaluations improves on the best before it by less than ``tol`` (relative). Returns
+    (plateaued, relative improvement). Fewer than 4 evaluations: not plateaued."""
+    k = max(1, round(len(values) * tail))
+    if len(values) < 4:
+        return False, float("nan")
+    before, last = min(values[:-k]), min(values[-k:])
+    gain = (before - last) / before
+    return gain < tol, gain
 
 
 def plan(suite: Suite, out: Path) -> tuple[list[Run], dict[str, datasets.Dataset]]:
     data = {name: datasets.DATASETS[name]() for name in suite.epochs}
+    extra_data = {v.data for vs in (*suite.variants.values(), *suite.ablations.values())
+                  for v in vs if v.data and v.data not in data}
+    other = {name: datasets.DATASETS[name]() for name in extra_data}
     runs = []
     for name, ds in data.items():
         summary = json.loads((ds.lmdb_dir / "conversion.json").read_text())
@@ -124,16 +205,20 @@ def plan(suite: Suite, out: Path) -> tuple[list[Run], dict[str, datasets.Dataset
             if override.startswith("--dataset.train.first_n="):
                 n_train = min(n_train, int(override.split("=")[1]))
         per_epoch = steps_per_epoch(n_train, BATCH_SIZE[name])
-        every = eval_interval(per_epoch, suite.evals_per_epoch[name])
+        evals = suite.evals_per_epoch.get(name, 1)
+        every = (eval_interval(per_epoch, evals) if evals >= 1 else
+                 per_epoch * round(1 / evals))  # < 1: every 1/evals epochs
         jobs = [(v, s) for v in suite.variants[name] for s in suite.seeds]
-        jobs += [(v, suite.seeds[0]) for v in suite.ablations.get(name, ())]
+        jobs += [(v, s) for v in suite.ablations.get(name, ())
+                 for s in (suite.ablation_seeds or suite.seeds[:1])]
         for variant, seed in jobs:
+            variant_ds = other[variant.data] if variant.data else ds
             runs.append(Run(
                 name=f"{name}/{variant.name}/seed{seed}",
-                config=CONFIGS[name, variant.kind],
+                config=variant.config or CONFIGS[name, variant.kind],
                 out=out / name / variant.name / f"seed{seed}",
                 seed=seed,
-                overrides=[*ds.overrides(), f"--optim.max_epochs={suite.epochs[name]}",
+                overrides=[*variant_ds.overrides(), f"--optim.max_epochs={suite.epochs[name]}",
                            f"--optim.batch_size={BATCH_SIZE[name]}", "--optim.ema_decay=0.99",
                            *extra,
                            *variant.overrides()],
@@ -149,24 +234,42 @@ def _spread(values: list[float]) -> str:
 
 
 def summarise(suite: Suite, results: dict[str, Result],
-              floors: dict[str, float] | None = None) -> tuple[str, dict]:
-    """Markdown table and a JSON-able summary: final validation metrics per variant, and the
-    DeNS/plain ratio of force MAE paired by seed (same initial weights and data order)."""
-    lines, summary = [], {}
+              floors: dict[str, float] | None = None,
+              extras: dict[str, dict[str, float]] | None = None) -> tuple[str, dict]:
+    """Markdown table and a JSON-able summary: final validation metrics per variant, the force
+    MAE ratio to the variant's baseline (plain) paired by seed (same initial weights and data
+    order), whether each plain run plateaued (:func:`plateau`), and per run ``extras``
+    (``train_forces_mae`` from the log, ``test_forces_mae`` for datasets with a test split)."""
+    lines, summary, extras = [], {}, extras or {}
     for dataset in suite.epochs:
         variants = [*suite.variants[dataset], *suite.ablations.get(dataset, ())]
-        plain = {s: results[f"{dataset}/plain/seed{s}"].final for s in suite.seeds
-                 if f"{dataset}/plain/seed{s}" in results}
-        if not plain:
+        finals = {(v.name, s): results[f"{dataset}/{v.name}/seed{s}"].final
+                  for v in variants for s in suite.seeds if f"{dataset}/{v.name}/seed{s}" in results}
+        if not any(name == "plain" for name, _ in finals):
             continue
         steps = next(r for n, r in results.items() if n.startswith(f"{dataset}/")).steps[-1]
         floor = (floors or {}).get(dataset)
         floor_text = f"; predicting zero forces gives {floor:.4f} eV/Å" if floor else ""
         lines += [f"\n**{dataset}** ({suite.epochs[dataset]} epochs, {steps} steps"
-                  f"{floor_text})\n",
-                  "| variant | seeds | val force MAE (eV/Å) | val energy MAE (eV) | force MAE "
-                  "ratio to plain (per seed) | force cos | minutes/run |",
-                  "|---|---|---|---|---|---|---|"]
+                  f"{floor_text})\n"]
+        flags = {}
+        for s in suite.seeds:
+            run = results.get(f"{dataset}/plain/seed{s}")
+            if run is not None:
+                flags[s] = plateau([m["forces_mae"] for m in run.curve])
+        if flags:
+            lines.append("Plain plateau (best val force MAE of the last quarter of evaluations "
+                         "improves < 1 % on the best before): " + ", ".join(
+                             f"seed {s} {'yes' if ok else 'NO'} ({gain:+.1%})"
+                             for s, (ok, gain) in flags.items()) + "\n")
+        published = MLEARN_PUBLISHED_FORCE_MAE.get(dataset)
+        if published:
+            lines.append("Published test force MAE (Zuo et al. 2020, eV/Å): " + ", ".join(
+                f"{k} {'TODO' if v is None else f'{v:.3f}'}" for k, v in published.items()) + "\n")
+        lines += ["| variant | seeds | val force MAE (eV/Å) | val energy MAE (eV) | force MAE "
+                  "ratio to baseline (per seed) | force cos | train force MAE | test force MAE "
+                  "| minutes/run |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for v in variants:
             runs = {s: results[f"{dataset}/{v.name}/seed{s}"] for s in suite.seeds
                     if f"{dataset}/{v.name}/seed{s}" in results}
@@ -174,20 +277,67 @@ def summarise(suite: Suite, results: dict[str, Result],
                 continue
             forces = [r.final["forces_mae"] for r in runs.values()]
             energy = [r.final["energy_mae"] for r in runs.values()]
-            ratios = [r.final["forces_mae"] / plain[s]["forces_mae"] for s, r in runs.items()
-                      if s in plain]
+            ratios = [r.final["forces_mae"] / finals[v.baseline, s]["forces_mae"]
+                      for s, r in runs.items() if (v.baseline, s) in finals]
             cos = [r.final.get("forces_cosine_similarity", float("nan")) for r in runs.values()]
             minutes = statistics.mean(r.minutes for r in runs.values())
             ratio_text = ("—" if v.kind == "plain" or not ratios else
                           f"{statistics.mean(ratios):.3f} ({', '.join(f'{x:.3f}' for x in ratios)})")
+            if v.kind != "plain" and v.baseline != "plain" and ratios:
+                ratio_text += f" vs {v.baseline}"
+            more = {key: [extras[f"{dataset}/{v.name}/seed{s}"][key] for s in runs
+                          if key in extras.get(f"{dataset}/{v.name}/seed{s}", {})]
+                    for key in ("train_forces_mae", "test_forces_mae")}
             lines.append(f"| {v.name}: {v.description} | {len(runs)} | {_spread(forces)} | "
                          f"{_spread(energy)} | {ratio_text} | {statistics.mean(cos):.3f} | "
+                         f"{_spread(more['train_forces_mae']) if more['train_forces_mae'] else '—'} | "
+                         f"{_spread(more['test_forces_mae']) if more['test_forces_mae'] else '—'} | "
                          f"{minutes:.1f} |")
             summary[f"{dataset}/{v.name}"] = {
                 "seeds": list(runs), "forces_mae": forces, "energy_mae": energy,
-                "forces_mae_ratio": ratios, "forces_cosine_similarity": cos,
-                "minutes": minutes, "overrides": v.dens}
+                "forces_mae_ratio": ratios, "baseline": v.baseline,
+                "forces_cosine_similarity": cos, "minutes": minutes, "overrides": v.dens,
+                **more, **({"plateau": {str(s): list(f) for s, f in flags.items()}}
+                           if v.name == "plain" else {})}
     return "\n".join(lines), summary
+
+
+def last_train_forces_mae(log: Path) -> float | None:
+    """The last training ``forces_mae`` fairchem logged (mean over its ``print_every`` window;
+    on DeNS runs over uncorrupted atoms), eV/Å."""
+    import re
+
+    if not log.exists():
+        return None
+    values = [float(m.group(1)) for line in log.read_text().splitlines() if "step:" in line
+              for m in [re.search(r"forces_mae: ([0-9.eE+-]+)", line)] if m]
+    return values[-1] if values else None
+
+
+def evaluate_test(run: Run, test_src: Path, threads: int = 1) -> dict[str, float] | None:
+    """Validation metrics of ``run``'s final checkpoint (EMA weights) on ``test_src``, through
+    ``fairchem --mode validate``; cached in ``test_metrics.json`` next to the run."""
+    import os
+    import subprocess
+
+    from fairchem_dens.demo import parse_val_metrics
+
+    cache = run.out / "test_metrics.json"
+    if cache.exists() and json.loads(cache.read_text()).get("key") == run.key():
+        return json.loads(cache.read_text())["metrics"]
+    checkpoints = sorted(run.out.glob("checkpoints/*/checkpoint.pt"))
+    if not checkpoints:
+        return None
+    cmd = [*run.command(), "--checkpoint", str(checkpoints[-1]), f"--dataset.val.src={test_src}"]
+    cmd[cmd.index("--mode") + 1] = "validate"
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=run.out, check=False)
+    metrics = parse_val_metrics(proc.stdout + proc.stderr)
+    if proc.returncode != 0 or not metrics:
+        raise SystemExit(f"test evaluation of {run.name} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    cache.write_text(json.dumps({"key": run.key(), "metrics": metrics[-1]}, indent=1))
+    return metrics[-1]
 
 
 def plot_band(ax, steps: list[int], per_seed: list[list[float]], color: str, label: str) -> None:
@@ -251,8 +401,14 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke check (< 5 min)")
     parser.add_argument("--suite", choices=sorted(SUITES), default="full",
-                        help="full (default), quick (= --quick) or regime (MD17 with 200 "
-                        "training frames, 40 epochs: DeNS as a regulariser when data are few)")
+                        help="full (default), quick (= --quick), regime (MD17 with 200 "
+                        "training frames, 40 epochs: DeNS as a regulariser when data are few), "
+                        "faithful (the authors' MD17 recipe, ablations) or mlearn (Si, Mo)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="shrink the suite to one tiny run per variant (checks it runs)")
+    parser.add_argument("--epochs", action="append", default=[], metavar="DATASET=N",
+                        help="train DATASET for N epochs instead of the suite's (e.g. to go on "
+                        "to a plateau); repeatable")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     parser.add_argument("--report", action="store_true",
                         help="run nothing: summarise the finished runs of the suite")
@@ -262,6 +418,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     suite = SUITES["quick" if args.quick else args.suite]
+    if args.epochs:
+        epochs = dict(suite.epochs)
+        for item in args.epochs:
+            name, _, n = item.partition("=")
+            if name not in epochs or not n.isdigit():
+                parser.error(f"--epochs {item}: expected DATASET=N with DATASET in {list(epochs)}")
+            epochs[name] = int(n)
+        suite = dataclasses.replace(suite, epochs=epochs)
+    if args.smoke:
+        suite = smoke(suite)
     start = time.time()
     runs, data = plan(suite, args.out / suite.name)
     val_first_n = {name: int(o.split("=")[1]) for name in data for o in suite.extra.get(name, ())
@@ -276,7 +442,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"not finished (left out): {missing}")
     else:
         results = execute_all(runs, jobs=args.jobs, threads=args.threads)
-    table, summary = summarise(suite, results, floors)
+    extras = {}
+    for run in runs:
+        if run.name not in results:
+            continue
+        extras[run.name] = {}
+        train_mae = last_train_forces_mae(run.out / "train.log")
+        if train_mae is not None:
+            extras[run.name]["train_forces_mae"] = train_mae
+        test_src = data[run.name.split("/")[0]].lmdb_dir / "test"
+        if (test_src / "data.lmdb").exists():
+            test = evaluate_test(run, test_src, args.threads)
+            if test is not None:
+                extras[run.name]["test_forces_mae"] = test["forces_mae"]
+    table, summary = summarise(suite, results, floors, extras)
     args.results.mkdir(parents=True, exist_ok=True)
     png = args.results / f"accuracy_{suite.name}.png"
     plot(suite, results, png, floors)

@@ -9,6 +9,13 @@
   time-contiguous chunks of 100 frames: chunks 0-9 train (1000 frames, as the paper's ~950),
   chunks 15-19 validation (500 frames); chunks in between are left out so validation frames are
   not neighbours in time of training frames.
+* ``md17_sigma_e``: the same frames and split, force normaliser sigma_E of the training energies
+  (``--forces-normalizer energy_std``), the force scale of the authors' MD17 code.
+* ``mlearn_si``, ``mlearn_mo``: the mlearn elemental sets of Zuo et al. (J. Phys. Chem. A 2020;
+  ``../shared/data/mlearn``, BSD-3): periodic bulk, AIMD, strained cells, surfaces, vacancies, in
+  pymatgen JSON. Their own test split is the converter's ``test`` split (evaluated once, after
+  training); every 10th structure of their training split is held out as ``val`` (learning
+  curves, plateau), the rest trains.
 
 Every dataset is written by :func:`fairchem_dens.data.convert`, the converter users run.
 """
@@ -114,6 +121,57 @@ def md17(cache: Path = CACHE) -> Dataset:
     return Dataset("md17", out, "md17")
 
 
+def md17_sigma_e(cache: Path = CACHE) -> Dataset:
+    md17(cache)  # writes the chunks
+    out = _convert(cache / "md17_ethanol_sigma_e", inputs=[str(cache / "raw" / "md17_ethanol_chunks")],
+                   energy_unit="kcal/mol", val_systems=tuple(MD17_VAL_CHUNKS),
+                   forces_normalizer="energy_std")
+    return Dataset("md17_sigma_e", out, "md17")
+
+
+MLEARN_VAL_EVERY = 10  # every 10th structure of mlearn's training split validates
+
+
+def _mlearn_atoms(entry: dict):
+    """One mlearn record (pymatgen ``Structure`` dict + ``outputs``) as ASE ``Atoms`` with a
+    single-point calculator (energy eV, forces eV/A)."""
+    import numpy as np
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    structure = entry["structure"]
+    symbols = [site["species"][0]["element"] for site in structure["sites"]]
+    atoms = Atoms(symbols, positions=[site["xyz"] for site in structure["sites"]],
+                  cell=structure["lattice"]["matrix"], pbc=True)
+    atoms.calc = SinglePointCalculator(atoms, energy=float(entry["outputs"]["energy"]),
+                                       forces=np.asarray(entry["outputs"]["forces"], float))
+    return atoms
+
+
+def mlearn(element: str, cache: Path = CACHE) -> Dataset:
+    """mlearn ``element`` (``Si``, ``Mo``, ...): one file per structure; sids 0.. for the
+    training split, 10000.. for the test split."""
+    import json
+
+    from ase.io import write
+
+    raw = cache / "raw" / f"mlearn_{element}"
+    if not (raw / ".complete").exists():
+        raw.mkdir(parents=True, exist_ok=True)
+        for split, offset in (("training", 0), ("test", 10000)):
+            with lzma.open(_require(SHARED_DATA / "mlearn" / element / f"{split}.json.xz"),
+                           "rt") as f:
+                for i, entry in enumerate(json.load(f)):
+                    write(raw / f"{element}_{offset + i:05d}.extxyz", _mlearn_atoms(entry))
+        (raw / ".complete").touch()
+    sids = sorted(int(p.stem.split("_")[1]) for p in raw.glob("*.extxyz"))
+    train = [s for s in sids if s < 10000]
+    out = _convert(cache / f"mlearn_{element}", inputs=[str(raw)],
+                   val_systems=tuple(train[MLEARN_VAL_EVERY - 1::MLEARN_VAL_EVERY]),
+                   test_systems=tuple(s for s in sids if s >= 10000))
+    return Dataset(f"mlearn_{element.lower()}", out, "mlearn")
+
+
 def zero_force_mae(lmdb_dir: Path, first_n: int | None = None) -> float:
     """Validation force MAE (eV/A, free atoms; the first ``first_n`` frames if given) of a
     model that predicts zero forces: the floor below which a model has learned something
@@ -129,4 +187,6 @@ def zero_force_mae(lmdb_dir: Path, first_n: int | None = None) -> float:
     return mae
 
 
-DATASETS = {"oc20": oc20, "md17": md17}
+DATASETS = {"oc20": oc20, "md17": md17, "md17_sigma_e": md17_sigma_e,
+            "md17_sigma_e_200": md17_sigma_e,  # the same data; the suite keeps 200 frames
+            "mlearn_si": lambda: mlearn("Si"), "mlearn_mo": lambda: mlearn("Mo")}

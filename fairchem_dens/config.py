@@ -18,6 +18,10 @@ SELECTIONS = ("structure", "batch")
 # Values pre-training by denoising (``pretrain: true``) needs; unset keys default to them.
 PRETRAIN_FIXED = {"prob": 1.0, "corrupt_ratio": 1.0, "encode_forces": False}
 NORMALIZE_BY = ("sigma", "std_high")
+# How the forces and DeNS terms are reduced (see fairchem_dens.loss.shared_free_atom_loss).
+REDUCTIONS = ("per_term", "shared_free_atoms")
+SCHEDULES = ("constant", "linear", "cosine")  # lambda_DeNS over training (fairchem_dens.schedule)
+SCHEDULE_UNITS = ("epoch", "step")
 
 # Keys of the official DeNS code / fairchem's own port; we refuse them rather than guess.
 _LEGACY_KEYS = {
@@ -47,9 +51,22 @@ class DeNSConfig:
     std_low, std_high, num_steps: multi-scale noise; sigma_k = exp(log std_low + (k-1)/(T-1)
         (log std_high - log std_low)), k = 1..T, one sigma drawn uniformly per structure.
     normalize_by: noise target is eps/sigma of the structure (``"sigma"``, Eq. 4) or
-        eps/std_high (``"std_high"``, official multi-scale code).
+        eps/std_high (``"std_high"``, official multi-scale code). Unset: ``"std_high"`` for
+        multi-scale noise with ``reduction: shared_free_atoms`` (the authors' OC trainer),
+        ``"sigma"`` otherwise.
+    reduction: ``"per_term"`` (default; the authors' MD17 rule): the forces term is the mean over
+        free uncorrupted atoms and the DeNS term the mean over corrupted atoms, each over all
+        ranks. ``"shared_free_atoms"`` (the authors' OC20/OC22 trainer): per-atom L2 errors of
+        the forces of free uncorrupted atoms (times lambda_F) and of the noise of corrupted atoms
+        (times lambda_DeNS) summed and divided by one count, the free (or corrupted) atoms of
+        the batch over all ranks. Needs ``l2mae``.
     all_atoms: also corrupt fixed atoms (``fixed == 1``); default only free atoms.
-    coefficient: lambda_DeNS, weight of the denoising loss.
+    coefficient: lambda_DeNS, weight of the denoising loss (its value at the start of training).
+    coefficient_schedule: lambda_DeNS over training: ``"constant"``, ``"linear"`` (decay to 0 at
+        the end of training, as the authors' MD17 runs) or ``"cosine"`` (half cosine to 0).
+    coefficient_schedule_by: ``"epoch"`` (lambda changes once per epoch, as the authors' code:
+        lambda (1 - e / max_epochs), e = 0, 1, ...) or ``"step"`` (every step, over
+        ``optim.max_steps`` if set, else max_epochs x steps per epoch).
     loss_fn: fairchem loss name for the denoising term (``l2mae``, ``mse``, ...); ``None`` uses
         the loss function configured for the forces target, as the official code does.
     skip_key: optional per-structure data attribute (e.g. ``md``); structures where it is
@@ -74,9 +91,12 @@ class DeNSConfig:
     std_low: float = 0.01
     std_high: float | None = None
     num_steps: int = 50
-    normalize_by: Literal["sigma", "std_high"] = "sigma"
+    normalize_by: Literal["sigma", "std_high"] | None = None
+    reduction: Literal["per_term", "shared_free_atoms"] = "per_term"
     all_atoms: bool = False
     coefficient: float = 10.0
+    coefficient_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    coefficient_schedule_by: Literal["epoch", "step"] = "epoch"
     loss_fn: str | None = None
     skip_key: str | None = None
     encode_forces: bool = True
@@ -106,8 +126,28 @@ class DeNSConfig:
             raise bad("coefficient", "lambda_DeNS must be >= 0")
         if self.selection not in SELECTIONS:
             raise bad("selection", f"use one of {SELECTIONS}")
+        if self.reduction not in REDUCTIONS:
+            raise bad("reduction", f"use one of {REDUCTIONS}")
+        if self.coefficient_schedule not in SCHEDULES:
+            raise bad("coefficient_schedule", f"use one of {SCHEDULES}")
+        if self.coefficient_schedule_by not in SCHEDULE_UNITS:
+            raise bad("coefficient_schedule_by", f"use one of {SCHEDULE_UNITS}")
+        shared = self.reduction == "shared_free_atoms"
+        if self.normalize_by is None:  # the authors' choice for the reduction mode
+            faithful = "std_high" if shared and self.std is None else "sigma"
+            object.__setattr__(self, "normalize_by", faithful)
         if self.normalize_by not in NORMALIZE_BY:
             raise bad("normalize_by", f"use one of {NORMALIZE_BY}")
+        if shared and self.std is None and self.normalize_by != "std_high":
+            raise bad("normalize_by", "reduction: shared_free_atoms reproduces the authors' OC "
+                      "trainer, which divides multi-scale noise by std_high; remove "
+                      "normalize_by (or set it to std_high), or use reduction: per_term")
+        if shared and self.loss_fn not in (None, "l2mae"):
+            raise bad("loss_fn", "reduction: shared_free_atoms sums per-atom L2 errors (the "
+                      "authors' hybrid loss); remove loss_fn or set it to l2mae")
+        if shared and self.pretrain:
+            raise bad("reduction", "pre-training has no forces term to share a denominator "
+                      "with; remove optim.dens.reduction")
         for key in ("all_atoms", "encode_forces", "pretrain"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "expected true or false")
@@ -193,4 +233,28 @@ class DeNSConfig:
                 "optim.dens is missing: the DenoisingForcesTrainer needs DeNS settings, e.g. "
                 "optim: {dens: {prob: 0.5, std: 0.1, corrupt_ratio: 0.5, coefficient: 10}}"
             )
-        return cls.from_dict(optim["dens"])
+        cfg = cls.from_dict(optim["dens"])
+        cfg.check_schedule_end(optim)
+        return cfg
+
+    def check_schedule_end(self, optim: dict[str, Any]) -> None:
+        """A decaying lambda_DeNS needs the end of training: ``optim.max_epochs`` (or, by step,
+        ``optim.max_steps``)."""
+        if self.coefficient_schedule == "constant":
+            return
+        end = {"epoch": ["max_epochs"], "step": ["max_steps", "max_epochs"]}
+        keys = end[self.coefficient_schedule_by]
+        if all(optim.get(k) is None for k in keys):
+            fix = ("set optim.max_epochs" if self.coefficient_schedule_by == "epoch" else
+                   "set optim.max_epochs or optim.max_steps (the step the decay reaches 0)")
+            raise DeNSConfigError(
+                f"optim.dens.coefficient_schedule={self.coefficient_schedule!r} decays lambda_DeNS "
+                f"to 0 at the end of training, but optim has none of {keys}: {fix}, or use "
+                "coefficient_schedule: constant")
+        for k in keys:
+            value = optim.get(k)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise DeNSConfigError(
+                    f"optim.{k}={value!r} is invalid as the end of the lambda_DeNS "
+                    f"decay: expected a positive integer")

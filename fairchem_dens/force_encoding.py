@@ -15,13 +15,17 @@ class ForceEncoding(nn.Module):
     ----------
     lmax: maximum degree of the node embedding it is added to.
     channels: number of channels (``sphere_channels``) of that embedding.
+    weight_init_bound: if set, the linear weights are drawn from U(-bound, bound) instead of
+        SO3_LinearV2's default U(-1, 1) (the authors' eSCN uses 0.001); the bias stays 0.
     """
 
-    def __init__(self, lmax: int, channels: int) -> None:
+    def __init__(self, lmax: int, channels: int, weight_init_bound: float | None = None) -> None:
         super().__init__()
         self.lmax = lmax
         self.channels = channels
         self.linear = SO3_LinearV2(1, channels, lmax=lmax)
+        if weight_init_bound is not None:
+            nn.init.uniform_(self.linear.weight, -weight_init_bound, weight_init_bound)
 
     def forward(self, forces: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Encode forces.
@@ -43,7 +47,10 @@ class ForceEncoding(nn.Module):
         )  # [N, (lmax+1)^2]; Y(0) = (1, 0, ...), times |f| = 0 gives a zero encoding, no NaN
         x = SO3_Embedding(0, [self.lmax], 1, device=forces.device, dtype=forces.dtype)
         x.set_embedding((sh * norm).unsqueeze(-1))  # [N, (lmax+1)^2, 1]
-        # As in Eq. 5 (and the official code) SO3_Linear has an l = 0 bias: a corrupted atom with
-        # |f| = 0 is encoded as that bias alone, which still marks it as corrupted.
+        # SO3_Linear has an l = 0 bias (Eq. 5): a corrupted atom with |f| = 0 is encoded as that
+        # bias alone, which still marks it as corrupted. The official code zeroes the input of
+        # uncorrupted atoms but applies the linear layer, hence its bias, to every atom on every
+        # forward (training and eval), so its plain model carries a learned constant; we mask the
+        # output instead, so uncorrupted atoms and inference see exactly the plain backbone.
         encoded = self.linear(x).embedding  # [N, (lmax+1)^2, channels]
         return encoded * mask.view(-1, 1, 1).to(encoded.dtype)

@@ -1,5 +1,6 @@
-"""Loss reduction that stays finite when a term has no samples anywhere (e.g. no free,
-uncorrupted atom on any rank), and the denoising metrics."""
+"""Loss reductions: fairchem's DDP mean made finite when a term has no samples anywhere (e.g. no
+free, uncorrupted atom on any rank), the authors' OC20/OC22 shared free-atom reduction, and the
+denoising metrics."""
 
 from __future__ import annotations
 
@@ -29,6 +30,52 @@ class ZeroSafeDDPLoss(DDPLoss):
         else:
             global_samples = max(global_samples, 1)
         return loss * distutils.get_world_size() / global_samples
+
+
+def shared_free_atom_loss(
+    forces_pred: torch.Tensor,
+    forces_target: torch.Tensor,
+    noise_pred: torch.Tensor | None,
+    noise_target: torch.Tensor,
+    free: torch.Tensor,
+    corrupted: torch.Tensor,
+    forces_coefficient: float,
+    dens_coefficient: float,
+) -> torch.Tensor:
+    """The forces + DeNS loss of the authors' OC20/OC22 trainer (their
+    ``compute_atomwise_denoising_pos_and_force_hybrid_loss``), reduced across ranks by
+    fairchem's ``DDPLoss`` rule::
+
+        (lambda_F sum_{free, uncorrupted} |F_pred - F| + lambda_DeNS sum_{corrupted} |e_pred - e|)
+            / #(free or corrupted atoms of the batch, summed over ranks)
+
+    with |.| the per-atom L2 norm (l2mae). Without ``all_atoms`` every corrupted atom is free, so
+    the denominator is the batch's number of free atoms; with ``all_atoms`` the authors count the
+    corrupted fixed atoms too. On one rank this is exactly the authors' ``torch.mean`` over those
+    atoms; over several ranks the count is all-reduced (the authors average per-rank means).
+
+    Parameters
+    ----------
+    forces_pred, forces_target: ``[N, 3]`` predicted and normalised true forces.
+    noise_pred: ``[N, 3]`` predicted noise, or ``None`` when no atom is corrupted on this rank.
+    noise_target: ``[N, 3]`` eps/sigma (or eps/std_high), zero where not corrupted.
+    free: bool ``[N]``, atom is free (``fixed == 0``).
+    corrupted: bool ``[N]``, atom was corrupted.
+    forces_coefficient, dens_coefficient: lambda_F and lambda_DeNS.
+
+    Returns
+    -------
+    Scalar loss, already multiplied by the world size as ``DDPLoss`` does (DDP averages gradients).
+    """
+    counted = free | corrupted
+    forces_err = (forces_pred - forces_target)[free & ~corrupted].norm(dim=-1)
+    total = forces_coefficient * forces_err.sum()
+    if noise_pred is not None:
+        noise_err = (noise_pred - noise_target)[corrupted].norm(dim=-1)
+        total = total + dens_coefficient * noise_err.sum()
+    count = distutils.all_reduce(int(counted.sum()), device=forces_pred.device)
+    count = count.clamp_min(1) if torch.is_tensor(count) else max(count, 1)
+    return total * distutils.get_world_size() / count
 
 
 def denoising_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, dict[str, float]]:

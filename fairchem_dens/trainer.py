@@ -19,8 +19,13 @@ checkpointing, validation and prediction are fairchem's own (with exact resume f
       lambda_E L_E(all structures) + lambda_F L_F(uncorrupted free atoms)
           + lambda_DeNS L_DeNS(corrupted atoms)
 
-  each term reduced once, over all ranks, by fairchem's ``DDPLoss`` rule (sum / global count).
-* ``_compute_metrics``: S2EF metrics on uncorrupted atoms plus ``denoising_*`` on corrupted ones.
+  each term reduced once, over all ranks, by fairchem's ``DDPLoss`` rule (sum / global count)
+  (``reduction: per_term``); with ``reduction: shared_free_atoms`` the forces and DeNS terms
+  share one denominator, the batch's free atoms (the authors' OC20/OC22 trainer, see
+  :func:`~fairchem_dens.loss.shared_free_atom_loss`). lambda_DeNS follows
+  ``coefficient_schedule`` (:mod:`fairchem_dens.schedule`).
+* ``_compute_metrics``: S2EF metrics on uncorrupted atoms plus ``denoising_*`` on corrupted ones
+  and ``dens_coefficient`` (lambda_DeNS of the step).
 * ``load_loss``: swaps ``DDPLoss`` for :class:`ZeroSafeDDPLoss` (finite when a term is empty).
 
 Validation, prediction and relaxations run the model in eval mode and never see corruption.
@@ -52,7 +57,12 @@ from fairchem_dens.corruption import (
     step_generator,
 )
 from fairchem_dens.finetune import prepare_dens_checkpoint
-from fairchem_dens.loss import ScoredStructuresEvaluator, ZeroSafeDDPLoss, denoising_metrics
+from fairchem_dens.loss import (
+    ScoredStructuresEvaluator,
+    ZeroSafeDDPLoss,
+    denoising_metrics,
+    shared_free_atom_loss,
+)
 from fairchem_dens.models.dens import (
     DeNSBackboneMixin,
     attach_dens_trainer,
@@ -60,6 +70,7 @@ from fairchem_dens.models.dens import (
     noise_head_names,
 )
 from fairchem_dens.resume import ExactResumeMixin
+from fairchem_dens.schedule import CoefficientSchedule
 
 NOISE_PRED_KEY = "dens_noise"  # key of the noise prediction added to the trainer's outputs
 
@@ -204,6 +215,15 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
                 "entry to copy it from: set optim.dens.loss_fn (e.g. l2mae)"
             )
         self.dens_loss_fn = ZeroSafeDDPLoss(loss_name, "mean")
+        if self.dens.reduction == "shared_free_atoms" and loss_name != "l2mae":
+            raise DeNSConfigError(
+                f"optim.dens.reduction: shared_free_atoms sums per-atom L2 errors of forces and "
+                f"noise (the authors' OC trainer), but the '{self.dens.forces_key}' loss is "
+                f"{loss_name!r}: set loss_functions.{self.dens.forces_key}.fn: l2mae, or use "
+                "reduction: per_term")
+        loader = getattr(self, "train_loader", None)
+        self.dens_schedule = CoefficientSchedule.from_config(
+            self.dens, self.config["optim"], len(loader) if loader is not None else 1)
 
     # ---------------------------------------------------------------- one step
     def _forward(self, batch):
@@ -294,8 +314,9 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
         if not self._training_step:
             return super()._compute_loss(out, batch)
         step = self._dens_step
-        if self.dens.pretrain:
-            loss = self._label_loss(out, batch)
+        shared = self.dens.reduction == "shared_free_atoms"
+        if self.dens.pretrain or shared:
+            loss = self._label_loss(out, batch)  # every term but the forces
         elif step is not None and step.num_free_uncorrupted == 0:
             loss = self._loss_without_free_atoms(out, self._uncorrupted_view(batch, step))
         else:
@@ -303,6 +324,8 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
         # Zero-valued link to every DeNS-only parameter: DDP sees them used on every rank even
         # when this rank's batch has no corrupted atom (or DeNS is off), and gradients are exact.
         loss = loss + 0.0 * sum(p.sum() for p in self._dens_params)
+        if shared:
+            return loss + self._shared_free_atom_term(out, batch, step)
         if step is None:  # DeNS disabled (prob = 0): plain training
             return loss
         if step.num_corrupted > 0:
@@ -310,7 +333,26 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
         else:
             pred = target = batch.pos.new_zeros((0, 3))
         denoising = self.dens_loss_fn(pred, target, natoms=batch.natoms)
-        return loss + self.dens.coefficient * denoising
+        return loss + self.dens_coefficient() * denoising
+
+    def dens_coefficient(self) -> float:
+        """lambda_DeNS of the current step (``optim.dens.coefficient_schedule``)."""
+        return self.dens_schedule(self.step)
+
+    def _shared_free_atom_term(self, out, batch, step: Corruption | None) -> torch.Tensor:
+        """``optim.dens.reduction: shared_free_atoms``: forces and DeNS over one free-atom count
+        (:func:`~fairchem_dens.loss.shared_free_atom_loss`)."""
+        key = self.dens.forces_key
+        target = batch[key]
+        if key in self.normalizers:
+            target = self.normalizers[key].norm(target)
+        lambda_f = next(info["coefficient"] for t, info in self.loss_functions if t == key)
+        corrupted = step.mask if step is not None else torch.zeros_like(batch.fixed, dtype=bool)
+        noisy = step is not None and step.num_corrupted > 0
+        return shared_free_atom_loss(
+            out[key], target.view(-1, 3), out[NOISE_PRED_KEY] if noisy else None,
+            step.target if noisy else target, batch.fixed == 0, corrupted.view(-1).bool(),
+            lambda_f, self.dens_coefficient())
 
     def _free_atom_target(self, target: str) -> bool:
         spec = self.output_targets[target]
@@ -336,8 +378,9 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
         return sum(terms)
 
     def _label_loss(self, out, batch) -> torch.Tensor:
-        """Pre-training: fairchem's loss terms for the labels the data have, forces excluded
-        (every eligible atom is noised); zero when there are none."""
+        """fairchem's loss terms for the labels the data have, forces excluded (pre-training:
+        every eligible atom is noised; ``shared_free_atoms``: the forces are reduced with the
+        DeNS term); zero when there are none."""
         kept = [(t, info) for t, info in self.loss_functions
                 if t != self.dens.forces_key and t in batch]
         # zero-valued link to every output left out (heads without a loss term here), so DDP
@@ -356,6 +399,9 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
 
     def _compute_metrics(self, out, batch, evaluator, metrics=None):
         step = self._dens_step if self._training_step else None
+        if self._training_step:  # logged every step next to the loss terms
+            metrics = evaluator.update("dens_coefficient", self.dens_coefficient(),
+                                       {} if metrics is None else metrics)
         if self._training_step and self.dens.pretrain:  # no S2EF labels to score
             metrics = {} if metrics is None else metrics
         elif step is None or step.num_corrupted == 0:

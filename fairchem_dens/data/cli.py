@@ -127,6 +127,13 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         help="keep every K-th frame of each trajectory (default: 1)",
     )
     parser.add_argument(
+        "--forces-normalizer",
+        choices=("rms", "energy_std"),
+        default="rms",
+        help="scale in forces_normalizer.npz: rms = RMS of the train forces (default); "
+        "energy_std = std of the train energies, the authors' MD17 force scale",
+    )
+    parser.add_argument(
         "--energy-unit",
         default="eV",
         metavar="UNIT",
@@ -192,6 +199,7 @@ def run_convert(args: argparse.Namespace) -> int:
             energy_key=args.energy_key,
             forces_key=args.forces_key,
             overwrite=args.overwrite,
+            forces_normalizer=args.forces_normalizer,
         )
         summary = convert(options, log=log)
     except ConversionError as err:

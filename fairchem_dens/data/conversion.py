@@ -38,6 +38,7 @@ import numpy as np
 from ase.data import chemical_symbols
 
 from fairchem_dens import __version__
+from fairchem_dens.data.force_scale import forces_normalizer_fit
 from fairchem_dens.data.frames import build_data, frame_record
 from fairchem_dens.data.lmdb_writer import LmdbWriter, write_metadata
 from fairchem_dens.data.options import SPLIT_NAMES, ConversionError, ConversionOptions
@@ -219,7 +220,7 @@ def convert(options: ConversionOptions, log: Callable[[str], None] | None = None
         # ours, not fairchem's fit_linear_references/fit_normalizers: those give these files
         # only in float64 (test_written_files_equal_fairchem_fits_in_float64; as shipped they
         # round energies to float32) and need a second pass over the LMDB; this fit streams
-        fit = stats.fit()
+        fit = forces_normalizer_fit(stats.fit(), options.forces_normalizer)
         if fit["energy_rmsd"] < DEGENERATE_ENERGY_RMSD and fit["num_frames"] > 1:
             say(f"WARNING: the per-element energy references reproduce every training energy "
                 f"(residual std {fit['energy_rmsd']:.2e} eV over {fit['num_frames']} frames of "

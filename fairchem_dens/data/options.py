@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from ase import units
 
+from fairchem_dens.data.force_scale import FORCES_NORMALIZERS
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
@@ -247,6 +249,10 @@ class ConversionOptions:
         (OC20 S2EF-All+MD, paper Appendix C). Ids that name no input system are allowed
         (a list of all OC20 MD systems can be used for any subset); ``conversion.json``
         counts the systems and frames marked.
+    forces_normalizer
+        Scale written to ``forces_normalizer.npz``: ``"rms"`` (default, the force RMS) or
+        ``"energy_std"`` (sigma_E of the training energies, the authors' MD17 scale; see
+        :mod:`fairchem_dens.data.force_scale`).
     """
 
     inputs: list[str]
@@ -263,6 +269,7 @@ class ConversionOptions:
     val_systems: tuple[int, ...] = ()
     test_systems: tuple[int, ...] = ()
     md_systems: tuple[int, ...] | None = None
+    forces_normalizer: str = "rms"
     energy_factor: float = field(init=False, default=1.0)
     force_factor: float = field(init=False, default=1.0)
 
@@ -272,6 +279,9 @@ class ConversionOptions:
         if not self.inputs:
             raise ConversionError("no inputs given: pass files, directories or globs")
         self._validate_split()
+        if self.forces_normalizer not in FORCES_NORMALIZERS:
+            raise ConversionError(f"--forces-normalizer {self.forces_normalizer!r} is unknown: "
+                                  f"use one of {', '.join(FORCES_NORMALIZERS)}")
         if self.md_systems is not None:
             if isinstance(self.md_systems, Path):
                 self.md_systems = parse_system_id_file(self.md_systems)

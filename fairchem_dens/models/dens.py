@@ -67,7 +67,9 @@ class DeNSBackboneMixin:
     dens_seam: ClassVar[str]
     dens_trainer_attached: bool = False  # set by attach_dens_trainer
 
-    def _init_dens(self) -> None:
+    def _init_dens(self, weight_init_bound: float | None = None) -> None:
+        """Build the force encoding (``weight_init_bound``: see :class:`ForceEncoding`) and hook it
+        onto the seam."""
         if len(self.lmax_list) != 1:
             raise ValueError(
                 f"DeNS force encoding supports one resolution, got lmax_list={self.lmax_list}; "
@@ -76,7 +78,8 @@ class DeNSBackboneMixin:
         # Forked RNG: every plain parameter (backbone and heads built after it) is initialised
         # exactly as in a plain model with the same seed.
         with torch.random.fork_rng(devices=[]):
-            self.force_encoding = ForceEncoding(self.lmax_list[0], self.sphere_channels)
+            self.force_encoding = ForceEncoding(self.lmax_list[0], self.sphere_channels,
+                                                weight_init_bound)
         self._dens_input: tuple[torch.Tensor, torch.Tensor] | None = None
         seam = self.get_submodule(self.dens_seam)
         seam.register_forward_pre_hook(self._add_force_encoding, with_kwargs=True)

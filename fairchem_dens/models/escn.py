@@ -29,10 +29,11 @@ class DeNSeSCNBackbone(DeNSBackboneMixin, eSCNBackbone):
     also receives the force encoding of corrupted atoms."""
 
     dens_seam = "layer_blocks.0"
+    force_encoding_init = 0.001  # U(+-0.001) weights, as the authors' escn_denoising.py
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._init_dens()
+        self._init_dens(weight_init_bound=self.force_encoding_init)
 
 
 class DeNSeSCNNoiseHead(DeNSNoiseHeadMixin, eSCNForceHead):

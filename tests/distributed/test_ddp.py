@@ -37,10 +37,31 @@ def _all_atoms(counts: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 3, generator=g), torch.randn(n, 3, generator=g)
 
 
+SHARED_COUNTS = (7, 5)  # atoms on rank 0, rank 1 for the shared free-atom reduction
+
+
+def _shared_inputs() -> tuple[torch.Tensor, ...]:
+    """Forces/noise predictions and targets, free and corrupted masks of all ranks' atoms."""
+    g = torch.Generator().manual_seed(1)
+    n = sum(SHARED_COUNTS)
+    f_pred, f_true, n_pred, n_true = (torch.randn(n, 3, generator=g) for _ in range(4))
+    idx = torch.arange(n)
+    free = idx % 4 != 0
+    return f_pred, f_true, n_pred, n_true, free, free & (idx % 3 == 0)
+
+
+def _shared_check(rank: int) -> torch.Tensor:
+    from fairchem_dens.loss import shared_free_atom_loss
+
+    lo = sum(SHARED_COUNTS[:rank])
+    part = [x[lo:lo + SHARED_COUNTS[rank]] for x in _shared_inputs()]
+    return shared_free_atom_loss(*part, forces_coefficient=100.0, dens_coefficient=10.0)
+
+
 def _loss_checks(rank: int) -> dict:
     from fairchem_dens.loss import ZeroSafeDDPLoss
 
-    results = {}
+    results = {"shared": _shared_check(rank)}
     for case, counts in COUNTS.items():
         pred_all, target_all = _all_atoms(counts)
         lo = sum(counts[:rank])
@@ -73,6 +94,21 @@ def test_dens_loss_is_normalised_by_the_global_count(case, ddp_run) -> None:
     assert torch.allclose(sum(x["loss"] for x in res) / WORLD, single.detach())
     assert torch.allclose(res[0]["grad"], res[1]["grad"])
     assert torch.allclose(res[0]["grad"], pred_all.grad, atol=1e-7)
+
+
+@pytest.mark.timeout(180)
+def test_shared_free_atom_loss_divides_by_the_global_free_atom_count(ddp_run) -> None:
+    from fairchem_dens.loss import shared_free_atom_loss
+
+    f_pred, f_true, n_pred, n_true, free, corrupted = _shared_inputs()
+    single = shared_free_atom_loss(f_pred, f_true, n_pred, n_true, free, corrupted, 100.0, 10.0)
+    by_hand = (100 * (f_pred - f_true)[free & ~corrupted].norm(dim=-1).sum()
+               + 10 * (n_pred - n_true)[corrupted].norm(dim=-1).sum()) / free.sum()
+    assert torch.allclose(single, by_hand)
+    # DDP averages over ranks: the mean of the ranks' losses is the single-process loss
+    ranks = [r["loss_checks"]["shared"] for r in ddp_run]
+    assert torch.allclose(sum(ranks) / WORLD, single)
+    assert not torch.allclose(ranks[0], ranks[1])
 
 
 def _worker(rank: int, init_file: str, lmdb: str, run_dir: str) -> None:

@@ -194,3 +194,26 @@ def test_preemption_during_a_save_leaves_a_complete_checkpoint(variant, demo_lmd
     state = torch.load(f"{ckpt_dir}/checkpoint.pt", map_location="cpu")
     assert state["step"] == 7 and RNG_STATE_KEY in state["config"]
     assert RNG_STATE_KEY not in trainer.config
+
+
+@pytest.mark.timeout(300)
+def test_resumed_run_uses_the_decayed_lambda_of_the_uninterrupted_run(demo_lmdb, tmp_path) -> None:
+    dens = {**DENS, "coefficient_schedule": "linear", "coefficient_schedule_by": "step"}
+
+    def run(name: str, kill_at: int | None = None, ckpt=None) -> tuple[list[float], list[float]]:
+        trainer = make_trainer(demo_config(demo_lmdb, dens, tmp_path / name, max_epochs=2, **KW))
+        if ckpt is not None:
+            trainer.load_checkpoint(str(ckpt))
+        coefficients = []
+        compute = trainer._compute_loss
+        trainer._compute_loss = lambda o, b: coefficients.append(trainer.dens_coefficient()) \
+            or compute(o, b)
+        return record_losses(trainer, kill_at=kill_at), coefficients
+
+    straight, straight_coeffs = run("straight")
+    assert straight_coeffs == [10.0, 7.5, 5.0, 2.5]  # 10 (1 - (s - 1) / 4), s = 1..4
+    run("first", kill_at=3)
+    ckpt = next((tmp_path / "first").glob("checkpoints/*/checkpoint.pt"))
+    tail, tail_coeffs = run("resumed", ckpt=ckpt)
+    assert tail_coeffs == straight_coeffs[2:]
+    assert tail == straight[2:]

@@ -86,7 +86,9 @@ def test_every_free_atom_is_noised_and_loss_is_energy_plus_denoising(relaxed_lmd
     torch.testing.assert_close(loss, energy_term + denoise_term)
 
     metrics = trainer._compute_metrics(out, batch, trainer.evaluator, {})
-    assert set(metrics) == {"denoising_noise_mae", "denoising_noise_l2mae"}  # no S2EF labels
+    # no S2EF labels; lambda_DeNS of the step is logged
+    assert set(metrics) == {"denoising_noise_mae", "denoising_noise_l2mae", "dens_coefficient"}
+    assert metrics["dens_coefficient"]["metric"] == 10
     assert metrics["denoising_noise_l2mae"]["metric"] == pytest.approx(
         float(noise.norm(dim=-1).mean()), rel=1e-5)
 

@@ -57,3 +57,55 @@ def test_summary_ratios_are_paired_by_seed() -> None:
     table, summary = accuracy.summarise(suite, results)
     assert summary["oc20/dens"]["forces_mae_ratio"] == pytest.approx([0.9, 1.1])
     assert "1.000 (0.900, 1.100)" in table
+
+
+def test_plateau_criterion() -> None:
+    flat_end = [1.0, 0.8, 0.7, 0.69, 0.695, 0.693, 0.6905, 0.69]
+    ok, gain = accuracy.plateau(flat_end)  # last quarter (2 evals) no better than 0.69
+    assert ok and gain == pytest.approx(0.0)
+    ok, gain = accuracy.plateau([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])
+    assert not ok and gain == pytest.approx((0.5 - 0.3) / 0.5)
+    assert not accuracy.plateau([1.0, 0.5, 0.4])[0]  # too few evaluations to tell
+
+
+def test_smoke_shrinks_a_suite_to_one_tiny_run_per_variant() -> None:
+    tiny = accuracy.smoke(accuracy.SUITES["faithful"])
+    assert tiny.name == "faithful_smoke" and tiny.seeds == (0,)
+    assert set(tiny.epochs.values()) == {1}
+    assert tiny.extra["md17_sigma_e_200"] == ("--dataset.train.first_n=16",
+                                              "--dataset.val.first_n=8",
+                                              "--optim.scheduler_params.warmup_epochs=1")
+    assert tiny.ablations == accuracy.SUITES["faithful"].ablations
+
+
+def test_faithful_ablations_run_next_to_their_own_baselines(demo_lmdb, monkeypatch,
+                                                            tmp_path) -> None:
+    for name in ("md17", "md17_sigma_e"):
+        fake = datasets.Dataset(name, demo_lmdb, "md17")
+        monkeypatch.setitem(datasets.DATASETS, name, lambda fake=fake: fake)
+    suite = accuracy.Suite("t", {"md17_sigma_e": 2}, (0,),
+                           {"md17_sigma_e": (accuracy.PLAIN, accuracy.DENS)},
+                           {"md17_sigma_e": accuracy.FAITHFUL_ABLATIONS})
+    runs = {r.name.split("/")[1]: r for r in accuracy.plan(suite, tmp_path)[0]}
+    assert runs["plain"].config.name == "md17_eqv2_faithful_cpu.yml"
+    assert runs["dens"].config.name == "md17_eqv2_dens_faithful_cpu.yml"
+    assert runs["dens_rms"].config == runs["dens"].config  # same recipe, other normaliser data
+    assert runs["plain_mae"].config.name == "md17_eqv2_cpu.yml"
+    assert runs["dens_constant"].overrides[-1] == "--optim.dens.coefficient_schedule=constant"
+    by_variant = {v.name: v for v in accuracy.FAITHFUL_ABLATIONS}
+    assert by_variant["dens_rms"].baseline == "plain_rms" and by_variant["dens_rms"].data == "md17"
+
+    def result(forces):
+        return Result("r", [10, 20, 30, 40], [{"forces_mae": f, "energy_mae": 1.0}
+                                              for f in (0.3, 0.2, 0.2, forces)], 1.0, [])
+
+    results = {"md17_sigma_e/plain/seed0": result(0.10), "md17_sigma_e/dens/seed0": result(0.09),
+               "md17_sigma_e/plain_rms/seed0": result(0.20),
+               "md17_sigma_e/dens_rms/seed0": result(0.22)}
+    table, summary = accuracy.summarise(suite, results, extras={
+        "md17_sigma_e/plain/seed0": {"train_forces_mae": 0.05}})
+    assert summary["md17_sigma_e/dens"]["forces_mae_ratio"] == pytest.approx([0.9])
+    assert summary["md17_sigma_e/dens_rms"]["forces_mae_ratio"] == pytest.approx([1.1])
+    assert summary["md17_sigma_e/plain"]["train_forces_mae"] == [0.05]
+    assert summary["md17_sigma_e/plain"]["plateau"]["0"][0] is False  # 0.2 -> 0.1 in the tail
+    assert "1.100 (1.100) vs plain_rms" in table and "seed 0 NO" in table

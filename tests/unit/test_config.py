@@ -77,3 +77,28 @@ def test_missing_section_says_what_to_add() -> None:
 def test_from_optim_reads_the_section() -> None:
     cfg = DeNSConfig.from_optim({"dens": {"prob": 0.25, "std_high": 0.75, "coefficient": 10}})
     assert (cfg.prob, cfg.std_high, cfg.coefficient, cfg.selection) == (0.25, 0.75, 10, "structure")
+
+
+def test_normalize_by_defaults_to_the_authors_choice_of_the_reduction_mode() -> None:
+    assert DeNSConfig(std_high=0.5).normalize_by == "sigma"  # per_term: Eq. 4
+    shared = DeNSConfig(std_high=0.5, reduction="shared_free_atoms")
+    assert shared.normalize_by == "std_high" and shared.target_scale == 0.5  # OC trainer
+    fixed = DeNSConfig(std=0.1, reduction="shared_free_atoms")  # eps/std either way
+    assert fixed.normalize_by == "sigma" and fixed.target_scale is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"std": 0.1, "reduction": "mean"}, "optim.dens.reduction='mean'.*per_term"),
+        ({"std_high": 0.5, "reduction": "shared_free_atoms", "normalize_by": "sigma"},
+         "optim.dens.normalize_by='sigma'.*std_high"),
+        ({"std": 0.1, "reduction": "shared_free_atoms", "loss_fn": "mse"},
+         "optim.dens.loss_fn='mse'.*l2mae"),
+        ({"std": 0.1, "reduction": "shared_free_atoms", "pretrain": True},
+         "optim.dens.reduction='shared_free_atoms'.*pre-training"),
+    ],
+)
+def test_bad_reduction_settings_name_the_key_and_the_fix(kwargs: dict, message: str) -> None:
+    with pytest.raises(DeNSConfigError, match=message):
+        DeNSConfig.from_dict(kwargs)

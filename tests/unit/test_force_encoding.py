@@ -49,3 +49,26 @@ def test_rotating_forces_rotates_each_degree_by_its_wigner_matrix(encoding) -> N
     d = o3.Irreps.spherical_harmonics(4).D_from_matrix(rot)  # [25, 25]
     out, out_rot = encoding(f, mask), encoding(f @ rot.T, mask)
     assert_invariant(out_rot, torch.einsum("ij,njc->nic", d, out))
+
+
+def test_weight_init_bound_draws_uniform_weights_and_zero_bias() -> None:
+    torch.manual_seed(0)
+    default = ForceEncoding(lmax=2, channels=64)
+    small = ForceEncoding(lmax=2, channels=64, weight_init_bound=0.001)
+    w = small.linear.weight.detach()
+    assert w.abs().max() <= 0.001 and w.abs().max() > 0.0009  # fills U(-0.001, 0.001)
+    assert w.std().item() == pytest.approx(0.001 / 3**0.5, rel=0.2)
+    assert torch.count_nonzero(small.linear.bias) == 0
+    assert default.linear.weight.abs().max() > 0.9  # SO3_LinearV2's own U(-1, 1)
+
+
+def test_escn_backbone_initialises_its_encoder_like_the_authors() -> None:
+    from fairchem_dens.models.equiformer_v2 import DeNSEquiformerV2Backbone
+    from fairchem_dens.models.escn import DeNSeSCNBackbone
+    from tests.conftest import TINY_EQV2, TINY_ESCN
+
+    torch.manual_seed(0)
+    escn = DeNSeSCNBackbone(**TINY_ESCN).force_encoding.linear.weight.detach()
+    assert 0.0009 < escn.abs().max() <= 0.001  # escn_denoising.py: uniform_(weight, -1e-3, 1e-3)
+    eqv2 = DeNSEquiformerV2Backbone(**TINY_EQV2).force_encoding.linear.weight.detach()
+    assert eqv2.abs().max() > 0.9  # EquiformerV2 keeps SO3_LinearV2's default

@@ -40,28 +40,33 @@ MD17 = "md17/eqv2_dens_ethanol.yml"
 EXPECTED_DENS = {
     "oc20/s2ef/2M/eqv2_dens_N@12_L@6_M@2_e12.yml":
         {"prob": 0.5, "corrupt_ratio": 1.0, "std": None, "std_high": 0.5, "coefficient": 10,
-         "selection": "structure"},
+         "selection": "structure", "reduction": "shared_free_atoms", "normalize_by": "std_high"},
     "oc20/s2ef/2M/eqv2_dens_N@12_L@6_M@2_e20_paper.yml":
         {"prob": 0.5, "corrupt_ratio": 1.0, "std": None, "std_high": 0.75, "coefficient": 10,
-         "selection": "structure"},
+         "selection": "structure", "reduction": "shared_free_atoms", "normalize_by": "std_high"},
     "oc20/s2ef/2M/eqv2_dens_N@12_L@6_M@2_e30_paper.yml":
         {"prob": 0.5, "corrupt_ratio": 1.0, "std": None, "std_high": 0.75, "coefficient": 10,
-         "selection": "structure"},
+         "selection": "structure", "reduction": "shared_free_atoms", "normalize_by": "std_high"},
     "oc20/s2ef/2M/eqv2_dens_N@12_L@6_M@2_e12_official.yml":
         {"prob": 0.5, "corrupt_ratio": 0.5, "std": 0.1, "std_high": None, "coefficient": 10,
-         "selection": "batch"},
+         "selection": "batch", "reduction": "shared_free_atoms", "normalize_by": "sigma"},
     "oc20/s2ef/all_md/eqv2_dens_N@20_L@6_M@3_e2_paper.yml":
         {"prob": 0.25, "corrupt_ratio": 1.0, "std": None, "std_high": 0.75, "coefficient": 10,
-         "selection": "structure", "skip_key": "md"},
+         "selection": "structure", "skip_key": "md", "reduction": "shared_free_atoms",
+         "normalize_by": "std_high"},
     "oc22/s2ef/eqv2_dens_N@18_L@6_M@2_e6_paper.yml":
         {"prob": 0.5, "corrupt_ratio": 0.5, "std": None, "std_high": 0.5, "coefficient": 100,
-         "selection": "structure"},
+         "selection": "structure", "reduction": "shared_free_atoms", "normalize_by": "std_high"},
     "oc22/s2ef/eqv2_dens_N@18_L@6_M@2_e6_official.yml":
         {"prob": 0.5, "corrupt_ratio": 0.5, "std": 0.15, "std_high": None, "coefficient": 25,
-         "selection": "batch"},
-    MD17:
+         "selection": "batch", "reduction": "shared_free_atoms", "normalize_by": "sigma"},
+    "oc20/s2ef/2M/escn_dens_L@6_M@2_Lay@12_e20.yml":
+        {"prob": 0.5, "corrupt_ratio": 0.5, "std": 0.15, "std_high": None, "coefficient": 10,
+         "selection": "structure", "reduction": "shared_free_atoms", "normalize_by": "sigma"},
+    MD17:  # the authors' MD17 rule: per-term means, lambda_DeNS decayed linearly by epoch
         {"prob": 0.25, "corrupt_ratio": 0.25, "std": 0.05, "std_high": None, "coefficient": 5,
-         "selection": "structure"},
+         "selection": "structure", "reduction": "per_term", "normalize_by": "sigma",
+         "coefficient_schedule": "linear", "coefficient_schedule_by": "epoch"},
 }
 
 #: optimiser values of Tables 7 / 8 (lr, epochs, lambda_E, lambda_F, clip, drop path).
