@@ -5,10 +5,11 @@
   the 4 validation systems below hold 180 frames, the 20 training systems 814.
 * ``oc20_relaxed``: the last (relaxed) frame of each of the 20 training trajectories, for
   denoising pre-training (benchmarks/pretraining.py); no validation split of its own.
-* ``md17``: ``../shared/data/md17_ethanol`` (2000 MD frames of ethanol, kcal/mol), cut into 20
-  time-contiguous chunks of 100 frames: chunks 0-9 train (1000 frames, as the paper's ~950),
-  chunks 15-19 validation (500 frames); chunks in between are left out so validation frames are
-  not neighbours in time of training frames.
+* ``md17``: ``../shared/data/md17_ethanol`` (2000 MD17 frames of ethanol, kcal/mol), cut into 20
+  chunks of 100 frames in file order: chunks 0-9 train (1000 frames, as the paper's ~950),
+  chunks 15-19 validation (500 frames). The file is a random sample of the MD17 trajectory, not
+  a time series (energy lag-1 autocorrelation 0.008; consecutive frames differ as much as random
+  pairs), so this is in effect a random split, as in the paper.
 * ``md17_sigma_e``: the same frames and split, force normaliser sigma_E of the training energies
   (``--forces-normalizer energy_std``), the force scale of the authors' MD17 code.
 * ``mlearn_si``, ``mlearn_mo``: the mlearn elemental sets of Zuo et al. (J. Phys. Chem. A 2020;
