@@ -148,18 +148,20 @@ def timed(fn) -> float:
 
 
 def summarise(times: dict[str, list[float]]) -> dict[str, list[float]]:
-    """Per variant: [median, q1, q3] of the per-repeat ratios to ``plain``."""
+    """Per variant: [median, q1, q3] of the per-repeat ratios to ``plain``, and the ratio of
+    the fastest runs (other jobs on the machine only ever add time, so the minimum is the least
+    disturbed run)."""
     out = {}
     for name, values in times.items():
         if name == "plain":
             continue
         ratios = [a / b for a, b in zip(values, times["plain"])]
         q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-        out[name] = [statistics.median(ratios), q1, q3]
+        out[name] = [statistics.median(ratios), q1, q3, min(values) / min(times["plain"])]
     return out
 
 
-def measure(family: str, depth: int, batches: list, repeats: int) -> dict:
+def measure(family: str, depth: int, batches: list, repeats: int, eval_repeats: int) -> dict:
     """Eval and train times of every variant at one depth, and training activation memory."""
     from fairchem_dens.config import DeNSConfig
     from fairchem_dens.corruption import (
@@ -239,7 +241,7 @@ def measure(family: str, depth: int, batches: list, repeats: int) -> dict:
         for name, _ in names if phase == "eval" else ():  # warm-up (train: the step above)
             with torch.no_grad():
                 models[name](copy.copy(batches[0]))
-        for r in range(1, repeats + 1):
+        for r in range(1, (eval_repeats if phase == "eval" else repeats) + 1):
             shift = r % len(names)
             for (name, setting), key in list(zip(names, keys))[shift:] + list(
                     zip(names, keys))[:shift]:
@@ -254,18 +256,19 @@ def measure(family: str, depth: int, batches: list, repeats: int) -> dict:
     return result
 
 
-def report(res: dict, n_frames: int, repeats: int) -> str:
+def report(res: dict, n_frames: int) -> str:
+    repeats = {phase: len(t["plain"]) for phase, t in res["times"].items()}
     lines = [f"\nmodel {res['family']} ({res['depth']} blocks), {n_frames} real OC20 frames per "
-             f"pass, {repeats} repeats, {torch.get_num_threads()} threads; corrupted atoms per "
+             f"pass, repeats {repeats}, {torch.get_num_threads()} threads; corrupted atoms per "
              f"batch {res['corrupted_atoms']}; ratios are time(model)/time(plain) per repeat"]
     for phase, ratios in res["ratios"].items():
         secs = {n: statistics.median(v) for n, v in res["times"][phase].items()}
         lines.append(f"{phase}: seconds per pass (median) "
                      + ", ".join(f"{n} {t:.3f}" for n, t in secs.items()))
-        for name, (med, q1, q3) in ratios.items():
+        for name, (med, q1, q3, fastest) in ratios.items():
             extra = f" -> throughput {1 / med:.3f}x plain" if phase == "eval" else ""
             lines.append(f"  {LABELS[name]:42s} ratio median {med:.3f} "
-                         f"(IQR {q1:.3f}-{q3:.3f}){extra}")
+                         f"(IQR {q1:.3f}-{q3:.3f}), fastest runs {fastest:.3f}{extra}")
     mem = res["activation_bytes"]
     lines.append("train-step activation memory (bytes saved for backward, batch 0, OC20 p, r): "
                  + ", ".join(f"{n} {b / 2**20:.1f} MiB ({b / mem['plain']:.3f}x plain)"
@@ -285,7 +288,8 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     families = sorted({r["family"] for r in results})
-    fig, axes = plt.subplots(1, len(families), figsize=(5.5 * len(families), 4), squeeze=False)
+    fig, axes = plt.subplots(2, len(families), figsize=(5.5 * len(families), 7.5),
+                             squeeze=False)
     names = {"dens@oc20": ("DeNS p=r=0.5 (OC20)", "C0"),
              "dens@md17": ("DeNS p=r=0.25 (MD17)", "C1"),
              "dens_full@oc20": ("DeNS, full noise head (before)", "C2"),
@@ -305,6 +309,22 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set(title={"eqv2": "EquiformerV2", "escn": "eSCN"}[family], xlabel="blocks",
                ylabel="training step time / plain (median, IQR)", xticks=depths)
         ax.legend(fontsize=8)
+    # deterministic companions of the timings, OC20 p, r, batch 0
+    for ax, family in zip(axes[1], families):
+        rows = sorted((r for r in results if r["family"] == family), key=lambda r: r["depth"])
+        depths = [r["depth"] for r in rows]
+        for key, (label, colour) in {"dens": names["dens@oc20"],
+                                     "dens_full": names["dens_full@oc20"],
+                                     "port": names["port@oc20"]}.items():
+            if key not in rows[0]["train_flops"]:
+                continue
+            for field, style, what in (("train_flops", "-", "FLOPs"),
+                                       ("activation_bytes", "--", "act. memory")):
+                ax.plot(depths, [r[field][key] / r[field]["plain"] for r in rows], style,
+                        marker="o", color=colour, label=f"{label}, {what}")
+        ax.set(xlabel="blocks", ylabel="training step / plain", xticks=depths,
+               title="FLOPs (solid) and activation memory (dashed)")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -313,7 +333,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", default="eqv2,escn", help="comma-separated: eqv2,escn")
     parser.add_argument("--depths", default="2,4,8,12", help="backbone blocks, comma-separated")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="training repeats")
+    parser.add_argument("--eval-repeats", type=int, default=6, help="eval (cheaper) repeats")
     parser.add_argument("--batches", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="raw results (JSON)")
@@ -326,8 +347,8 @@ def main() -> None:
     start = time.perf_counter()
     for family in args.families.split(","):
         for depth in (int(d) for d in args.depths.split(",")):
-            results.append(measure(family, depth, batches, args.repeats))
-            print(report(results[-1], n_frames, args.repeats), flush=True)
+            results.append(measure(family, depth, batches, args.repeats, args.eval_repeats))
+            print(report(results[-1], n_frames), flush=True)
     print(f"\nwall time {time.perf_counter() - start:.0f} s")
     if args.out:
         args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
