@@ -107,25 +107,58 @@ class DeNSBackboneMixin:
 
 
 class DeNSNoiseHeadMixin:
-    """Turns a vector head into the DeNS noise head: computed only on corrupted training batches.
+    """Turns a vector head into the DeNS noise head: computed only on corrupted training batches,
+    and there only for the corrupted atoms.
 
     Put it first in the bases of a head whose ``forward(data, emb)`` returns ``{name: [N, 3]}``
     and set ``self.output_name`` to that name. Its parameters are initialised under a forked RNG,
     so adding a noise head leaves every other parameter's initialisation unchanged.
+
+    Output contract: ``{output_name: [N, 3]}`` on a training batch carrying
+    ``data[DENS_MASK_KEY]`` (bool ``[N]``), ``{}`` otherwise. With ``restrict_to_corrupted``
+    (the default) only the rows of corrupted atoms are computed; the other rows are zero and must
+    not be read (the trainer reads ``noise[mask]`` only). Rows of corrupted atoms equal the full
+    head's up to float rounding, and so do all gradients of a loss on those rows. A subclass
+    provides ``_restrict(emb, mask)`` (the backbone outputs the stock head consumes, cut down to
+    what the corrupted atoms' outputs depend on) and, when its head then returns fewer rows,
+    ``_expand(out, mask)``. ``restrict_to_corrupted=False`` runs the stock head over the whole
+    batch (kept for measurement); so does graph parallelism, which partitions nodes and edges.
     """
 
     output_name: str
     dens_trainer_attached: bool = False  # set by attach_dens_trainer
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, restrict_to_corrupted: bool = True, **kwargs: Any) -> None:
         with torch.random.fork_rng(devices=[]):
             super().__init__(*args, **kwargs)
+        self._restrict_to_corrupted = restrict_to_corrupted
+
+    @property
+    def restrict_to_corrupted(self) -> bool:
+        """Fixed at construction (a subclass may build its blocks for it)."""
+        return self._restrict_to_corrupted
 
     def forward(self, data: Batch, emb: dict[str, Any]) -> dict[str, torch.Tensor]:
         _check_trainer(self, data)
         if not (self.training and DENS_MASK_KEY in data):
             return {}
-        return super().forward(data, emb)
+        if not self.restrict_to_corrupted or gp_utils.initialized():
+            return super().forward(data, emb)
+        mask = data[DENS_MASK_KEY].bool()  # [N]; a no-op on the trainer's bool mask
+        restricted = self._restrict(emb, mask)
+        if restricted is None:  # nothing corrupted: nothing to compute, every row is zero
+            return {self.output_name: data.pos.new_zeros(mask.shape[0], 3)}
+        return self._expand(super().forward(data, restricted), mask)
+
+    def _restrict(self, emb: dict[str, Any], mask: torch.Tensor) -> dict[str, Any] | None:
+        """``emb`` cut down to what the outputs of the atoms in ``mask`` (bool ``[N]``) depend
+        on; ``None`` when that is nothing."""
+        raise NotImplementedError(f"{type(self).__name__} does not define _restrict")
+
+    def _expand(self, out: dict[str, torch.Tensor], mask: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+        """``out`` of the restricted head as ``[N, 3]`` rows (default: already are)."""
+        return out
 
 
 def dens_only_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -38,12 +38,29 @@ class DeNSeSCNBackbone(DeNSBackboneMixin, eSCNBackbone):
 
 class DeNSeSCNNoiseHead(DeNSNoiseHeadMixin, eSCNForceHead):
     """Noise head: an eSCN force block (grid sampling + projection on the sphere points)
-    predicting the normalised noise eps/sigma ``[N, 3]`` (key ``noise``)."""
+    predicting the normalised noise eps/sigma ``[N, 3]`` (key ``noise``).
 
-    def __init__(self, backbone: BackboneInterface, output_name: str = "noise") -> None:
-        super().__init__(backbone)
+    The force block works on each atom's own sphere samples, so with ``restrict_to_corrupted``
+    (default) it runs on the corrupted atoms' samples only; other rows are zero."""
+
+    def __init__(self, backbone: BackboneInterface, output_name: str = "noise",
+                 restrict_to_corrupted: bool = True) -> None:
+        super().__init__(backbone, restrict_to_corrupted=restrict_to_corrupted)
         self.output_name = output_name
 
     def forward(self, data: Batch, emb: dict[str, Any]) -> dict[str, torch.Tensor]:
         out = super().forward(data, emb)  # {} unless a corrupted training batch
-        return {self.output_name: out["forces"]} if out else {}
+        # its one entry, named "forces" by the stock head (or ours when nothing is corrupted)
+        return {self.output_name: next(iter(out.values()))} if out else {}
+
+    def _restrict(self, emb: dict[str, Any], mask: torch.Tensor) -> dict[str, Any] | None:
+        values = emb["sphere_values"]  # [N * S, C], S sphere samples per atom
+        per_atom = values.view(mask.shape[0], self.force_block.num_sphere_samples, -1)
+        selected = per_atom[mask]  # [N', S, C]
+        return {**emb, "sphere_values": selected.flatten(0, 1)} if len(selected) else None
+
+    def _expand(self, out: dict[str, torch.Tensor], mask: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+        rows = mask.unsqueeze(1)  # [N, 1]: the corrupted rows, filled in order
+        return {key: value.new_zeros(mask.shape[0], 3).masked_scatter(rows, value)
+                for key, value in out.items()}  # [N', 3] -> [N, 3]
