@@ -129,6 +129,7 @@ def test_converter_writes_fairchem_stress_and_it_satisfies_the_work_check(tmp_pa
     """Si's uniaxial path (mode 0) through extxyz and ``convert(stress=True)``: the LMDB holds
     ``stress`` [1, 3, 3] eV/Å^3 equal to fairchem's AtomsToGraphs(r_stress=True) of the frame,
     equal to -virial_stress * 0.1 GPa, and energies/stresses of the LMDB pass the work check."""
+    from fairchem.core.modules.transforms import decompose_tensor
     from fairchem.core.preprocessing import AtomsToGraphs
 
     path = elastic_paths("Si")[0]
@@ -155,6 +156,13 @@ def test_converter_writes_fairchem_stress_and_it_satisfies_the_work_check(tmp_pa
     assert float(entries[0].stress[0, 0, 0]) == pytest.approx(-16.941 / 160.2177, rel=1e-4)
     assert work_error([frames], _stress) < 0.02  # 1.2 %: trapezoid over 2 % strain steps
     assert work_error([frames], lambda a: -_stress(a)) > 1.5
+    # fairchem's OMat transform (decompose_tensor) reads the entry: isotropic part trace/sqrt 3
+    parts = {"stress_isotropic": {"irrep_dim": 0}, "stress_anisotropic": {"irrep_dim": 2}}
+    decomposed = decompose_tensor(entries[0].clone(), {"tensor": "stress", "rank": 2,
+                                                       "decomposition": parts})
+    trace = float(entries[0].stress.view(3, 3).trace())
+    assert float(decomposed.stress_isotropic) == pytest.approx(trace / 3**0.5, rel=1e-5)
+    assert trace < 0 and decomposed.stress_anisotropic.shape == (1, 5)
 
 
 def test_write_mlearn_extxyz_names_one_system_per_record(tmp_path: Path) -> None:
