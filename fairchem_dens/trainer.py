@@ -283,7 +283,10 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
         flags = self._filter_flags(batch)
         if flags:  # the filters only widen skip: the random draws stay the same
             filtered = torch.stack(list(flags.values())).any(0)
-            skip = filtered if skip is None else (skip.detach().cpu().view(-1) != 0) | filtered
+            if skip is None:
+                skip = filtered
+            elif skip.numel() == filtered.numel():  # else sample_corruption names the mismatch
+                skip = (skip.detach().cpu().view(-1) != 0) | filtered
         generator = step_generator(self.dens_seed, self.step, distutils.get_rank())
         step = sample_corruption(
             dens,

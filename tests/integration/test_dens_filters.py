@@ -89,3 +89,18 @@ def test_max_stress_on_data_without_stress_names_the_key(trainers) -> None:
             filtered._sample(copy.copy(batch))
     finally:
         filtered.dens = original
+
+
+def test_filters_combine_with_skip_key(trainers) -> None:
+    """``skip_key`` and the filters each keep their structures out; only the filters count."""
+    _, filtered = trainers
+    batch = _batch()  # 33, 55, 52, 38 atoms
+    batch.md = torch.tensor([0, 1, 0, 0])
+    original = filtered.dens
+    filtered.dens = type(original)(**{**DENS, "skip_key": "md", "min_num_atoms": 35})
+    try:
+        step = filtered._sample(batch)
+    finally:
+        filtered.dens = original
+    assert step.selected.tolist() == [False, False, True, True]  # prob 1
+    assert step.skipped == {"min_num_atoms": 1}
