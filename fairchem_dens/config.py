@@ -82,6 +82,15 @@ class DeNSConfig:
         (e.g. ``pos_relaxed`` of OC20 IS2RE LMDBs); they replace ``pos``. ``None``: ``pos``.
     equilibrium_force_tol: with ``pretrain``, warn when the training structures carry forces of
         mean magnitude above this (eV/Angstrom): they are then not equilibrium structures.
+    max_force_norm: skip DeNS (train the structure as a plain one) for structures whose largest
+        per-atom force norm exceeds this, in eV/Angstrom on the raw forces (before any
+        normaliser). ``None``: off. See :mod:`fairchem_dens.filters`.
+    min_num_atoms: skip DeNS for structures with fewer atoms than this. ``None``: off.
+    max_stress: skip DeNS for structures whose largest absolute stress component exceeds this,
+        in the units of the data's stress target (``stress_key``; eV/Angstrom^3 as written by
+        ``fairchem-dens convert``). ``None``: off.
+    stress_key: name of the per-structure stress ``[B, 3, 3]`` in the training data, read by
+        ``max_stress``.
     """
 
     prob: float = 0.5
@@ -104,6 +113,10 @@ class DeNSConfig:
     pretrain: bool = False
     positions_key: str | None = None
     equilibrium_force_tol: float = 0.1
+    max_force_norm: float | None = None
+    min_num_atoms: int | None = None
+    max_stress: float | None = None
+    stress_key: str = "stress"
     _sigmas: tuple[float, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -163,6 +176,7 @@ class DeNSConfig:
         if not (isinstance(self.equilibrium_force_tol, (int, float)) and
                 self.equilibrium_force_tol > 0):
             raise bad("equilibrium_force_tol", "expected a positive number of eV/Angstrom")
+        self._check_filters(bad)
         if (self.std is None) == (self.std_high is None):
             raise DeNSConfigError(
                 f"optim.dens needs exactly one noise setting, got std={self.std!r} and "
@@ -186,6 +200,25 @@ class DeNSConfig:
             lo, hi = math.log(self.std_low), math.log(self.std_high)
             sigmas = tuple(math.exp(lo + k / (t - 1) * (hi - lo)) for k in range(t))
         object.__setattr__(self, "_sigmas", sigmas)
+
+    def _check_filters(self, bad) -> None:
+        """``max_force_norm`` / ``max_stress``: positive finite numbers; ``min_num_atoms``: a
+        positive integer; each may be ``None`` (filter off)."""
+        for key, unit in (("max_force_norm", "eV/Angstrom"), ("max_stress", "stress units")):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value) or value <= 0):
+                raise bad(key, f"expected a positive number of {unit} (structures above it are "
+                          f"not corrupted), or null to switch the filter off")
+        value = self.min_num_atoms
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise bad("min_num_atoms", "expected a positive integer (structures with fewer "
+                      "atoms are not corrupted), or null to switch the filter off")
+        if not isinstance(self.stress_key, str) or not self.stress_key:
+            raise bad("stress_key", "expected the name of the stress attribute, e.g. stress")
 
     @property
     def enabled(self) -> bool:

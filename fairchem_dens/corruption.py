@@ -7,7 +7,7 @@ atom), whatever the outcome, so the stream of a run depends only on its seed and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ class Corruption:
     num_corrupted: number of corrupted atoms (host int, no device sync needed later).
     num_free_uncorrupted: number of free (``fixed == 0``) atoms left uncorrupted, the atoms the
         forces term is trained on (host int); 0 when every free atom of the batch is corrupted.
+    skipped: structures each enabled filter of :mod:`fairchem_dens.filters` kept out of DeNS
+        this step, ``{optim.dens key: host int}`` (a structure flagged by two filters counts in
+        both); empty when no filter is on.
     """
 
     mask: torch.Tensor
@@ -42,6 +45,7 @@ class Corruption:
     selected: torch.Tensor
     num_corrupted: int
     num_free_uncorrupted: int
+    skipped: dict[str, int] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> Corruption:
         return Corruption(
@@ -52,6 +56,7 @@ class Corruption:
             self.selected.to(device),
             self.num_corrupted,
             self.num_free_uncorrupted,
+            dict(self.skipped),
         )
 
 

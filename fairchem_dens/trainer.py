@@ -56,6 +56,7 @@ from fairchem_dens.corruption import (
     sample_corruption,
     step_generator,
 )
+from fairchem_dens.filters import filter_flags, skipped_metric
 from fairchem_dens.finetune import prepare_dens_checkpoint
 from fairchem_dens.loss import (
     ScoredStructuresEvaluator,
@@ -279,8 +280,15 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
                     "data or remove skip_key"
                 )
             skip = batch[dens.skip_key]
+        flags = self._filter_flags(batch)
+        if flags:  # the filters only widen skip: the random draws stay the same
+            filtered = torch.stack(list(flags.values())).any(0)
+            if skip is None:
+                skip = filtered
+            elif skip.numel() == filtered.numel():  # else sample_corruption names the mismatch
+                skip = (skip.detach().cpu().view(-1) != 0) | filtered
         generator = step_generator(self.dens_seed, self.step, distutils.get_rank())
-        return sample_corruption(
+        step = sample_corruption(
             dens,
             batch.natoms,
             batch.fixed if "fixed" in batch else None,
@@ -288,6 +296,17 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
             skip=skip,
             dtype=batch.pos.dtype,
         )
+        step.skipped = {key: int(flag.sum()) for key, flag in flags.items()}
+        return step
+
+    def _filter_flags(self, batch) -> dict[str, torch.Tensor]:
+        """Structures kept out of DeNS by ``max_force_norm`` / ``min_num_atoms`` /
+        ``max_stress`` (:func:`~fairchem_dens.filters.filter_flags`), on the CPU batch (raw
+        forces, before normalisation)."""
+        dens = self.dens
+        forces = getattr(batch, dens.forces_key, None)
+        stress = getattr(batch, dens.stress_key, None)
+        return filter_flags(dens, batch.natoms, forces, stress)
 
     def _corrupted_copy(self, batch, step: Corruption):
         """Shallow copy of ``batch`` with noisy positions and the force-encoding inputs."""
@@ -402,6 +421,8 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
         if self._training_step:  # logged every step next to the loss terms
             metrics = evaluator.update("dens_coefficient", self.dens_coefficient(),
                                        {} if metrics is None else metrics)
+        for name, count in (step.skipped if step is not None else {}).items():
+            metrics = evaluator.update(skipped_metric(name), count, metrics)  # host ints
         if self._training_step and self.dens.pretrain:  # no S2EF labels to score
             metrics = {} if metrics is None else metrics
         elif step is None or step.num_corrupted == 0:

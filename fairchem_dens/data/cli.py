@@ -16,6 +16,7 @@ from fairchem_dens.data.options import (
     DEFAULT_SPLIT,
     ENERGY_UNITS_IN_EV,
     FORCE_UNITS_IN_EV_PER_ANGSTROM,
+    STRESS_UNITS_IN_EV_PER_ANGSTROM3,
     ConversionError,
     ConversionOptions,
 )
@@ -148,6 +149,19 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         f"{', '.join(FORCE_UNITS_IN_EV_PER_ANGSTROM)} (default: energy unit per Å)",
     )
     parser.add_argument(
+        "--stress",
+        action="store_true",
+        help="also write each frame's stress as `stress` [1, 3, 3] in eV/Å^3 (fairchem's and "
+        "ASE's convention: positive = tensile), from the frame's calculator",
+    )
+    parser.add_argument(
+        "--stress-unit",
+        default="eV/Å^3",
+        metavar="UNIT",
+        help="stress unit of the input (ASE sign convention), converted to eV/Å^3: "
+        f"{', '.join(STRESS_UNITS_IN_EV_PER_ANGSTROM3)} (default: eV/Å^3)",
+    )
+    parser.add_argument(
         "--box-padding",
         type=float,
         default=15.0,
@@ -200,6 +214,8 @@ def run_convert(args: argparse.Namespace) -> int:
             forces_key=args.forces_key,
             overwrite=args.overwrite,
             forces_normalizer=args.forces_normalizer,
+            stress=args.stress,
+            stress_unit=args.stress_unit,
         )
         summary = convert(options, log=log)
     except ConversionError as err:

@@ -21,6 +21,7 @@ from ase import Atoms
 from ase.calculators.calculator import PropertyNotImplementedError
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms, FixCartesian
+from ase.stress import voigt_6_to_full_3x3_stress
 from torch_geometric.data import Data
 
 from fairchem_dens.data.options import ConversionError, ConversionOptions
@@ -42,6 +43,8 @@ class FrameRecord:
     forces : ndarray, shape (N, 3), eV/Å (raw forces on all atoms, constraints ignored)
     fixed : ndarray, shape (N,), int (1 = atom fixed by ``FixAtoms``)
     tags : ndarray, shape (N,), int
+    stress : ndarray, shape (3, 3), eV/Å^3, or None (not converted). ASE/fairchem sign
+        convention: (1/V) dE/d(strain), positive = tensile.
     """
 
     atomic_numbers: np.ndarray
@@ -52,6 +55,7 @@ class FrameRecord:
     forces: np.ndarray
     fixed: np.ndarray
     tags: np.ndarray
+    stress: np.ndarray | None = None
 
 
 def fixed_mask(atoms: Atoms) -> np.ndarray:
@@ -93,6 +97,8 @@ def _calculator_result(atoms: Atoms, name: str, where: str, fix: str) -> object:
     try:
         if name == "energy":
             return atoms.get_potential_energy(apply_constraint=False)
+        if name == "stress":
+            return atoms.get_stress(voigt=False, apply_constraint=False)
         return atoms.get_forces(apply_constraint=False)
     except (PropertyNotImplementedError, RuntimeError, AttributeError) as err:
         raise ConversionError(f"{where}: frame has no {name} ({err}); {fix}") from err
@@ -145,6 +151,22 @@ def _read_forces(atoms: Atoms, key: str | None, where: str) -> np.ndarray:
     return forces
 
 
+def _read_stress(atoms: Atoms, where: str) -> np.ndarray:
+    """The frame's calculator stress as a 3x3 matrix (as stored: Voigt 6 in ASE's order
+    xx, yy, zz, yz, xz, xy, or 3x3, or 9 values row by row)."""
+    fix = ("--stress needs a stress on every frame (extxyz: stress=\"...\" in the comment "
+           "line, or a calculator that computes it); remove the frame or drop --stress")
+    value = np.asarray(_calculator_result(atoms, "stress", where, fix), dtype=np.float64)
+    if value.shape == (6,):
+        return voigt_6_to_full_3x3_stress(value)
+    if value.shape in ((3, 3), (9,), (1, 3, 3)):
+        return value.reshape(3, 3)
+    raise ConversionError(
+        f"{where}: stress has shape {value.shape}; expected one stress per frame, as 6 Voigt "
+        "values (ASE order xx, yy, zz, yz, xz, xy) or a 3x3 matrix (9 values), in the unit of "
+        "--stress-unit; fix the file (a per-atom stress cannot be converted)")
+
+
 def _check_finite(name: str, values: np.ndarray | float, where: str) -> None:
     if not np.all(np.isfinite(values)):
         raise ConversionError(f"{where}: {name} contain NaN or inf; remove or fix this frame")
@@ -183,6 +205,10 @@ def frame_record(atoms: Atoms, path: Path, fid: int, options: ConversionOptions,
     forces = _read_forces(atoms, options.forces_key, where) * options.force_factor
     _check_finite("energy", energy, where)
     _check_finite("forces", forces, where)
+    stress = None
+    if options.stress:
+        stress = _read_stress(atoms, where) * options.stress_factor
+        _check_finite("stress values", stress, where)
     try:
         fixed = fixed_mask(atoms)
     except IndexError as err:
@@ -207,6 +233,7 @@ def frame_record(atoms: Atoms, path: Path, fid: int, options: ConversionOptions,
         forces=forces,
         fixed=fixed,
         tags=np.array(atoms.get_tags(), dtype=np.int64),
+        stress=stress,
     )
 
 
@@ -220,7 +247,9 @@ def build_data(record: FrameRecord, sid: int, fid: int, md: int | None = None) -
         by AtomsToGraphs), ``cell`` [1, 3, 3] Å, ``pbc`` [1, 3] bool, ``natoms`` int,
         ``energy`` float eV, ``forces`` [N, 3] float32 eV/Å, ``fixed`` [N] int64,
         ``tags`` [N] int64, ``sid`` int, ``fid`` int, and ``md`` int (0/1) when ``md`` is
-        given. No edges (``otf_graph: True``).
+        given, and ``stress`` [1, 3, 3] float32 eV/Å^3 (fairchem's convention, as its
+        ``AtomsToGraphs(r_stress=True)`` writes it) when the record has one. No edges
+        (``otf_graph: True``).
     """
     from fairchem.core.preprocessing import AtomsToGraphs
 
@@ -243,4 +272,6 @@ def build_data(record: FrameRecord, sid: int, fid: int, md: int | None = None) -
     data.fid = int(fid)
     if md is not None:
         data.md = int(bool(md))
+    if record.stress is not None:
+        data.stress = torch.as_tensor(record.stress, dtype=torch.float32).view(1, 3, 3)
     return data

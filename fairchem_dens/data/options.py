@@ -26,6 +26,7 @@ __all__ = [
     "ConversionError",
     "ConversionOptions",
     "FORCE_UNITS_IN_EV_PER_ANGSTROM",
+    "STRESS_UNITS_IN_EV_PER_ANGSTROM3",
     "SPLIT_NAMES",
     "check_disjoint_systems",
     "parse_split_fractions",
@@ -60,6 +61,17 @@ FORCE_UNITS_IN_EV_PER_ANGSTROM: dict[str, float] = {
 }
 
 
+#: Stress units accepted by ``--stress-unit``: size of one unit in eV/Å^3. The sign convention
+#: is ASE's (and fairchem's): stress = (1/V) dE/d(strain), positive = tensile. VASP's ``in kB``
+#: line (and mlearn's ``virial_stress``) has the opposite sign: see :mod:`fairchem_dens.data.mlearn`.
+STRESS_UNITS_IN_EV_PER_ANGSTROM3: dict[str, float] = {
+    "eV/Å^3": 1.0,
+    "GPa": units.GPa,
+    "kBar": 0.1 * units.GPa,
+    "bar": 1.0e-4 * units.GPa,
+}
+
+
 class ConversionError(ValueError):
     """Input data or options that cannot be converted.
 
@@ -73,7 +85,7 @@ def _canonical_unit(name: str) -> str:
     key = name.strip().replace(" ", "").lower()
     for alias in ("angstrom", "ang"):
         key = key.replace(alias, "å")
-    key = key.replace("/a", "/å").replace("ha/", "hartree/")
+    key = key.replace("/a", "/å").replace("ha/", "hartree/").replace("**", "^").replace("³", "^3")
     return "hartree" if key == "ha" else key
 
 
@@ -249,6 +261,13 @@ class ConversionOptions:
         (OC20 S2EF-All+MD, paper Appendix C). Ids that name no input system are allowed
         (a list of all OC20 MD systems can be used for any subset); ``conversion.json``
         counts the systems and frames marked.
+    stress
+        Also write each frame's stress as ``stress`` ``[1, 3, 3]`` in eV/Å^3, fairchem's
+        convention (ASE's ``atoms.get_stress(voigt=False)``: (1/V) dE/d(strain), positive =
+        tensile), read from the frame's calculator (extxyz ``stress=`` in the comment line,
+        Voigt 6 or 3x3). Every frame must carry one.
+    stress_unit
+        Unit of the stress in the input (converted to eV/Å^3), ASE sign convention.
     forces_normalizer
         Scale written to ``forces_normalizer.npz``: ``"rms"`` (default, the force RMS) or
         ``"energy_std"`` (sigma_E of the training energies, the authors' MD17 scale; see
@@ -270,8 +289,11 @@ class ConversionOptions:
     test_systems: tuple[int, ...] = ()
     md_systems: tuple[int, ...] | None = None
     forces_normalizer: str = "rms"
+    stress: bool = False
+    stress_unit: str = "eV/Å^3"
     energy_factor: float = field(init=False, default=1.0)
     force_factor: float = field(init=False, default=1.0)
+    stress_factor: float = field(init=False, default=1.0)
 
     def __post_init__(self) -> None:
         self.inputs = [str(item) for item in self.inputs]
@@ -298,6 +320,9 @@ class ConversionOptions:
         force_unit = self.force_unit or f"{self.energy_unit}/Å"
         self.force_unit, self.force_factor = _lookup_unit(
             force_unit, FORCE_UNITS_IN_EV_PER_ANGSTROM, "force unit"
+        )
+        self.stress_unit, self.stress_factor = _lookup_unit(
+            self.stress_unit, STRESS_UNITS_IN_EV_PER_ANGSTROM3, "stress unit (--stress-unit)"
         )
 
     @property
