@@ -1,4 +1,4 @@
-"""Every DeNS backbone family (EquiformerV2, eSCN) against fairchem's plain model: force
+"""Every DeNS backbone family (EquiformerV2, eSCN, eSEN direct and conservative) against fairchem's plain model: force
 encoding, noise head, eval equality with the same weights, rotation equivariance, RNG-neutral
 construction. A new family is one more entry in FAMILIES."""
 
@@ -17,7 +17,7 @@ from fairchem_dens.models.dens import (
     attach_dens_trainer,
     dens_only_parameters,
 )
-from tests.conftest import TINY_EQV2, TINY_ESCN
+from tests.conftest import TINY_EQV2, TINY_ESCN, TINY_ESEN, TINY_ESEN_CONSERVATIVE
 from tests.equivariance import assert_invariant, assert_rotates, random_rotation
 
 
@@ -28,9 +28,14 @@ class Family:
     heads: dict
     noise_head: str
     kwargs: dict
+    label: str = ""  # test id, when two families share a plain backbone
+    noise_block: str = "force_block"  # noise head submodule that must not run in eval
+    checkpoint_kwarg: str = "activation_checkpoint"  # backbone's activation checkpointing flag
+    multi_resolution: bool = True  # backbone takes lmax_list (else one lmax by construction)
+    outputs: tuple[str, ...] = ("energy", "forces")  # plain model's outputs (stress: [B, 9])
 
     def __str__(self) -> str:
-        return self.plain_backbone
+        return self.label or self.plain_backbone
 
 
 FAMILIES = [
@@ -48,6 +53,30 @@ FAMILIES = [
         {"energy": {"module": "escn_energy_head"}, "forces": {"module": "escn_force_head"}},
         "fairchem_dens.models.escn.DeNSeSCNNoiseHead",
         TINY_ESCN,
+    ),
+    Family(
+        "esen_backbone",
+        "fairchem_dens.models.esen.DeNSeSENBackbone",
+        {"energy": {"module": "esen_mlp_energy_head"},
+         "forces": {"module": "esen_linear_force_head"}},
+        "fairchem_dens.models.esen.DeNSeSENNoiseHead",
+        TINY_ESEN,
+        label="esen_direct",
+        noise_block="linear",
+        checkpoint_kwarg="activation_checkpointing",
+        multi_resolution=False,
+    ),
+    Family(  # conservative: forces and stress are gradients of the energy (one head)
+        "esen_backbone",
+        "fairchem_dens.models.esen.DeNSeSENBackbone",
+        {"efs": {"module": "esen_mlp_efs_head"}},
+        "fairchem_dens.models.esen.DeNSeSENNoiseHead",
+        TINY_ESEN_CONSERVATIVE,
+        label="esen_conservative_efs",
+        noise_block="linear",
+        checkpoint_kwarg="activation_checkpointing",
+        multi_resolution=False,
+        outputs=("energy", "forces", "stress"),
     ),
 ]
 DENS_KEYS = ("backbone.force_encoding.", "output_heads.denoise.")
@@ -100,14 +129,15 @@ def test_eval_outputs_equal_the_plain_model_with_same_weights(family, oc20_batch
     assert not result.unexpected_keys
     assert result.missing_keys and all(k.startswith(DENS_KEYS) for k in result.missing_keys)
     calls = []
-    dens.output_heads["denoise"].force_block.register_forward_hook(lambda *a: calls.append(1))
+    dens.output_heads["denoise"].get_submodule(family.noise_block).register_forward_hook(
+        lambda *a: calls.append(1))
     dens.backbone.force_encoding.register_forward_hook(lambda *a: calls.append(2))
     mask = torch.ones(oc20_batch.natoms.sum(), dtype=torch.bool)
     for batch in (oc20_batch, with_dens_fields(oc20_batch, mask)):  # fields ignored in eval
         ref, out = run(plain, batch), run(dens, batch)
-        assert set(out) == {"energy", "forces"}
-        assert torch.equal(out["energy"], ref["energy"])
-        assert torch.equal(out["forces"], ref["forces"])
+        assert set(out) == set(ref) == set(family.outputs)
+        for key in family.outputs:
+            assert torch.equal(out[key], ref[key]), key
     assert calls == []  # the noise block never ran
 
 
@@ -138,7 +168,7 @@ def test_force_encoding_changes_training_outputs_only_through_corrupted_atoms(
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_rotation_equivariance_of_energy_forces_and_noise(family, oc20_batch, seed) -> None:
+def test_rotation_equivariance_of_energy_forces_stress_and_noise(family, oc20_batch, seed) -> None:
     dens = build(family, dens=True).train()
     with torch.no_grad():  # eSCN's U(+-0.001) encoder would hide in float32 noise: test it at O(1)
         dens.backbone.force_encoding.linear.weight.uniform_(-1.0, 1.0)
@@ -154,6 +184,10 @@ def test_rotation_equivariance_of_energy_forces_and_noise(family, oc20_batch, se
     assert_invariant(out_rot["energy"], out["energy"])
     assert_rotates(out_rot["forces"], out["forces"], rot)
     assert_rotates(out_rot["noise"], out["noise"], rot)
+    if "stress" in family.outputs:  # a rank-2 tensor: S -> R S R^T
+        stress = out["stress"].view(-1, 3, 3)
+        assert stress.abs().max() > 0
+        assert_invariant(out_rot["stress"].view(-1, 3, 3), rot @ stress @ rot.T)
 
 
 def test_dens_only_parameters_are_force_encoding_and_noise_head(family) -> None:
@@ -165,6 +199,8 @@ def test_dens_only_parameters_are_force_encoding_and_noise_head(family) -> None:
 
 
 def test_multi_resolution_is_refused_clearly(family) -> None:
+    if not family.multi_resolution:
+        pytest.skip(f"{family} takes a single lmax: it has no multi-resolution setting")
     with pytest.raises(ValueError, match="lmax_list=\\[2, 3\\]"):
         build(family, dens=True, lmax_list=[2, 3], mmax_list=[2, 2])
 
@@ -174,7 +210,7 @@ def test_activation_checkpointing_gives_the_same_gradients(family, oc20_batch) -
     must be added again, identically."""
     grads = []
     for checkpointing in (False, True):
-        model = build(family, dens=True, activation_checkpoint=checkpointing).train()
+        model = build(family, dens=True, **{family.checkpoint_kwarg: checkpointing}).train()
         mask = torch.zeros(int(oc20_batch.natoms.sum()), dtype=torch.bool)
         mask[::3] = True
         out = run(model, with_dens_fields(oc20_batch, mask))
