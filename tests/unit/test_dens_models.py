@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from fairchem.core.common.utils import radius_graph_pbc
 from fairchem.core.models.base import HydraModel
 
 from fairchem_dens.corruption import DENS_FORCES_KEY, DENS_MASK_KEY
@@ -102,7 +103,9 @@ def run(model: HydraModel, batch, seed: int = 0) -> dict:
     rotation frame (fairchem's ``init_edge_rot_mat``), so outputs are reproducible only under
     the same RNG state."""
     torch.manual_seed(seed)
-    return model(copy.copy(batch))
+    b = copy.copy(batch)
+    b.pos = batch.pos.detach()  # conservative eSEN sets pos.requires_grad: not on the caller's
+    return model(b)
 
 
 def with_dens_fields(batch, mask: torch.Tensor, forces: torch.Tensor | None = None):
@@ -220,3 +223,62 @@ def test_activation_checkpointing_gives_the_same_gradients(family, oc20_batch) -
     assert grads[0].abs().sum() > 0
     assert torch.allclose(grads[0], grads[2], rtol=1e-4, atol=1e-7)
     assert torch.allclose(grads[1], grads[3], rtol=1e-4, atol=1e-7)
+
+
+def test_conservative_esen_forces_and_stress_are_derivatives_of_the_encoded_energy(
+    oc20_batch,
+) -> None:
+    """With force encoding on corrupted atoms, esen_mlp_efs_head's forces and stress are still
+    the exact derivatives of its energy (the encoding depends on the encoded forces and mask,
+    never on positions or cell): central finite differences in float64."""
+    family = next(f for f in FAMILIES if str(f) == "esen_conservative_efs")
+    # float64 throughout: fairchem's on-the-fly graph is float32-only, so the graph (which pairs,
+    # which cell offsets) is built once here and eSEN computes the edge vectors in float64
+    model = build(family, dens=True, otf_graph=False).double().train()
+    with torch.no_grad():  # an O(1) encoder, so the encoded energy differs from the plain one
+        model.backbone.force_encoding.linear.weight.uniform_(-1.0, 1.0)
+    attach_dens_trainer(model)
+    batch = copy.copy(oc20_batch)
+    edge_index, cell_offsets, neighbors = radius_graph_pbc(batch, 5.0, 30)
+    batch.edge_index, batch.cell_offsets, batch.nedges = edge_index, cell_offsets, neighbors
+    batch.atomic_numbers_full, batch.batch_full = batch.atomic_numbers.long(), batch.batch
+    batch.pos, batch.cell = batch.pos.double(), batch.cell.double()
+    n = int(batch.natoms.sum())
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[::2] = True
+    batch = with_dens_fields(batch, mask, oc20_batch.forces.double())
+    out = run(model, batch)
+    assert not torch.allclose(out["energy"], run(model, with_dens_fields(
+        batch, torch.zeros(n, dtype=torch.bool), batch[DENS_FORCES_KEY]))["energy"])
+
+    def energy(pos: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        b = copy.copy(batch)
+        b.pos, b.cell = pos, cell
+        with torch.no_grad():
+            return run(model, b)["energy"].detach()
+
+    h = 1e-4
+    for atom in (0, 1):  # a corrupted and an uncorrupted atom
+        for k in range(3):
+            step = torch.zeros_like(batch.pos)
+            step[atom, k] = h
+            fd = -(energy(batch.pos + step, batch.cell) - energy(batch.pos - step, batch.cell))
+            assert torch.allclose(out["forces"][atom, k], fd.sum() / (2 * h), rtol=1e-5,
+                                  atol=1e-9), (atom, k)
+    # stress = (1/V) dE/d(strain), fairchem's convention: pos -> pos (1 + strain), same for cell
+    graph = 1  # strain only the second structure
+    in_graph = (batch.batch == graph).view(-1, 1, 1).double()
+    volume = torch.det(batch.cell[graph]).abs()
+    for i, j in ((0, 0), (2, 2), (0, 1)):
+        strain = torch.zeros(3, 3, dtype=torch.float64)
+        strain[i, j] = strain[j, i] = h if i == j else h / 2  # symmetric, as fairchem's
+        values = []
+        for sign in (1.0, -1.0):
+            deform = torch.eye(3, dtype=torch.float64) + sign * strain
+            pos = torch.where(in_graph[:, 0].bool(), batch.pos @ deform, batch.pos)
+            cell = batch.cell.clone()
+            cell[graph] = cell[graph] @ deform
+            values.append(energy(pos, cell)[graph])
+        fd = (values[0] - values[1]) / (2 * h) / volume
+        assert torch.allclose(out["stress"].view(-1, 3, 3)[graph, i, j], fd, rtol=1e-5,
+                              atol=1e-10), (i, j)
