@@ -14,6 +14,7 @@ from fairchem.core.models.base import HydraModel
 
 from fairchem_dens.corruption import DENS_FORCES_KEY, DENS_MASK_KEY
 from fairchem_dens.models.dens import (
+    TRAINER_PATH,
     DeNSTrainerRequired,
     attach_dens_trainer,
     dens_only_parameters,
@@ -282,3 +283,26 @@ def test_conservative_esen_forces_and_stress_are_derivatives_of_the_encoded_ener
         fd = (values[0] - values[1]) / (2 * h) / volume
         assert torch.allclose(out["stress"].view(-1, 3, 3)[graph, i, j], fd, rtol=1e-5,
                               atol=1e-10), (i, j)
+
+
+def test_export_gives_fairchems_plain_model_with_the_same_eval_outputs(family, oc20_batch) -> None:
+    """``fairchem-dens export`` (export_checkpoint) on each family: the plain config names the
+    family's fairchem backbone, the noise head is gone, and the plain model built from it gives
+    the DeNS model's eval outputs exactly."""
+    from fairchem_dens.export import export_checkpoint
+
+    dens = build(family, dens=True).eval()
+    heads = {**copy.deepcopy(family.heads), "denoise": {"module": family.noise_head}}
+    model_config = {"name": "hydra", "pass_through_head_outputs": True, "heads": heads,
+                    "backbone": {"model": family.dens_backbone, **family.kwargs}}
+    ckpt = {"state_dict": {f"module.{k}": v for k, v in dens.state_dict().items()},
+            "config": {"model": model_config, "trainer": TRAINER_PATH}}
+    out = export_checkpoint(ckpt)
+    plain_config = out["config"]["model"]
+    assert plain_config["backbone"]["model"] == family.plain_backbone
+    assert set(plain_config["heads"]) == set(family.heads)
+    plain = build(family, dens=False, seed=5).eval()
+    plain.load_state_dict({k[len("module."):]: v for k, v in out["state_dict"].items()})
+    ref, got = run(dens, oc20_batch), run(plain, oc20_batch)
+    for key in family.outputs:
+        assert torch.equal(got[key], ref[key]), key
