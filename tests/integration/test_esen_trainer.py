@@ -24,16 +24,20 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(params=list(VARIANTS))
-def trainer(request, demo_lmdb, tmp_path):
-    config = demo_config(demo_lmdb, DENS, tmp_path, first_n=16)
-    backbone, heads = VARIANTS[request.param]
+def esen_trainer(demo_lmdb, tmp_path, variant: str, dens: dict):
+    config = demo_config(demo_lmdb, dens, tmp_path, first_n=16)
+    backbone, heads = VARIANTS[variant]
     config["model"] = {
         "name": "hydra", "pass_through_head_outputs": True,
         "backbone": {"model": "fairchem_dens.models.esen.DeNSeSENBackbone", **backbone},
         "heads": {**heads, "noise": NOISE_HEAD},
     }
     return build_trainer(config)
+
+
+@pytest.fixture(params=list(VARIANTS))
+def trainer(request, demo_lmdb, tmp_path):
+    return esen_trainer(demo_lmdb, tmp_path, request.param, DENS)
 
 
 def mixed_step(trainer):
@@ -69,3 +73,26 @@ def test_esen_dens_loss_is_energy_plus_uncorrupted_forces_plus_denoising(trainer
     model = trainer._unwrapped_model
     assert model.backbone.force_encoding.linear.weight.grad.abs().sum() > 0
     assert model.output_heads["noise"].linear.weight.grad.abs().sum() > 0
+
+
+def test_conservative_esen_with_every_free_atom_corrupted_trains_energy_and_noise_only(
+    demo_lmdb, tmp_path
+) -> None:
+    """corrupt_ratio 1 (every free atom corrupted, the OMat24/eSEN style): no atom is left for
+    the forces term, so a corrupted structure contributes its original energy and the noise."""
+    dens = {"prob": 1.0, "corrupt_ratio": 1.0, "std": 0.1, "coefficient": 10}
+    trainer = esen_trainer(demo_lmdb, tmp_path, "conservative", dens)
+    batch = next(iter(trainer.train_loader))
+    trainer.model.train()
+    trainer.step = 1
+    b = copy.copy(batch)
+    out = trainer._forward(b)
+    c = trainer._dens_step
+    assert c.num_free_uncorrupted == 0 and torch.equal(c.mask, b.fixed == 0)
+    loss = trainer._compute_loss(out, b)
+    energy_target = trainer.normalizers["energy"].norm(
+        trainer.elementrefs["energy"].dereference(b.energy.view(-1, 1), b))
+    l_energy = (out["energy"].view(-1, 1) - energy_target).abs().mean()
+    l_dens = (out[NOISE_PRED_KEY][c.mask] - c.target[c.mask]).norm(dim=-1).mean()
+    assert torch.allclose(loss, 2 * l_energy + 10 * l_dens, rtol=1e-6, atol=0)
+    assert torch.isfinite(loss)
