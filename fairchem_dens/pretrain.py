@@ -40,6 +40,10 @@ _HEAD_FAMILIES = {
     "escn_energy_head": "escn_backbone",
     "escn_force_head": "escn_backbone",
     "fairchem_dens.models.escn.DeNSeSCNNoiseHead": "escn_backbone",
+    "esen_mlp_energy_head": "esen_backbone",
+    "esen_linear_force_head": "esen_backbone",
+    "esen_mlp_efs_head": "esen_backbone",
+    "fairchem_dens.models.esen.DeNSeSENNoiseHead": "esen_backbone",
 }
 
 

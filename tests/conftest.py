@@ -61,6 +61,29 @@ TINY_ESCN = {
 }
 
 
+# eSEN as fairchem's OMat/MPtrj configs use it (rms_norm_sh, s2 activation, grid MLP), shrunk;
+# a fine grid keeps its S2 grid error below the equivariance tolerance.
+TINY_ESEN = {
+    "use_pbc": True,
+    "regress_forces": True,
+    "direct_forces": True,
+    "otf_graph": True,
+    "max_neighbors": 30,
+    "cutoff": 5.0,
+    "max_num_elements": 90,
+    "num_layers": 2,
+    "lmax": 2,
+    "mmax": 2,
+    "sphere_channels": 16,
+    "hidden_channels": 16,
+    "edge_channels": 16,
+    "num_distance_basis": 32,
+    "grid_resolution": 18,
+}
+# the conservative variant: energy head whose forces and stress are its gradients
+TINY_ESEN_CONSERVATIVE = {**TINY_ESEN, "direct_forces": False, "regress_stress": True}
+
+
 def demo_frames(max_systems: int = 2, frames_per_system: int = 1):
     """Real OC20 frames (ASE Atoms) from the bundled demo data."""
     from ase.io import read

@@ -59,7 +59,8 @@ class DeNSBackboneMixin:
     A subclass provides
 
     * ``dens_seam``: dotted name of the submodule whose first positional argument is the initial
-      SO(3) node embedding (an object with ``.embedding`` of shape ``[N, (lmax+1)^2, C]``);
+      SO(3) node embedding (an object with ``.embedding`` of shape ``[N, (lmax+1)^2, C]``, or
+      that tensor itself, as in eSEN);
     * backbone attributes ``lmax_list`` (one resolution) and ``sphere_channels``;
     * a call to ``self._init_dens()`` at the end of ``__init__``.
     """
@@ -99,6 +100,9 @@ class DeNSBackboneMixin:
         if self._dens_input is None or not self.training:
             return None
         forces, mask = self._dens_input
+        if isinstance(args[0], torch.Tensor):  # eSEN: the embedding is a plain tensor
+            x = args[0] + self.force_encoding(forces.to(args[0].dtype), mask)
+            return (x, *args[1:]), kwargs
         x = copy.copy(args[0])  # shallow: the caller's embedding object is left untouched
         x.embedding = args[0].embedding + self.force_encoding(
             forces.to(x.embedding.dtype), mask

@@ -1,4 +1,4 @@
-"""Every DeNS backbone family (EquiformerV2, eSCN) against fairchem's plain model: force
+"""Every DeNS backbone family (EquiformerV2, eSCN, eSEN direct and conservative) against fairchem's plain model: force
 encoding, noise head, eval equality with the same weights, rotation equivariance, RNG-neutral
 construction. A new family is one more entry in FAMILIES."""
 
@@ -9,15 +9,17 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from fairchem.core.common.utils import radius_graph_pbc
 from fairchem.core.models.base import HydraModel
 
 from fairchem_dens.corruption import DENS_FORCES_KEY, DENS_MASK_KEY
 from fairchem_dens.models.dens import (
+    TRAINER_PATH,
     DeNSTrainerRequired,
     attach_dens_trainer,
     dens_only_parameters,
 )
-from tests.conftest import TINY_EQV2, TINY_ESCN
+from tests.conftest import TINY_EQV2, TINY_ESCN, TINY_ESEN, TINY_ESEN_CONSERVATIVE
 from tests.equivariance import assert_invariant, assert_rotates, random_rotation
 
 
@@ -28,9 +30,14 @@ class Family:
     heads: dict
     noise_head: str
     kwargs: dict
+    label: str = ""  # test id, when two families share a plain backbone
+    noise_block: str = "force_block"  # noise head submodule that must not run in eval
+    checkpoint_kwarg: str = "activation_checkpoint"  # backbone's activation checkpointing flag
+    multi_resolution: bool = True  # backbone takes lmax_list (else one lmax by construction)
+    outputs: tuple[str, ...] = ("energy", "forces")  # plain model's outputs (stress: [B, 9])
 
     def __str__(self) -> str:
-        return self.plain_backbone
+        return self.label or self.plain_backbone
 
 
 FAMILIES = [
@@ -48,6 +55,30 @@ FAMILIES = [
         {"energy": {"module": "escn_energy_head"}, "forces": {"module": "escn_force_head"}},
         "fairchem_dens.models.escn.DeNSeSCNNoiseHead",
         TINY_ESCN,
+    ),
+    Family(
+        "esen_backbone",
+        "fairchem_dens.models.esen.DeNSeSENBackbone",
+        {"energy": {"module": "esen_mlp_energy_head"},
+         "forces": {"module": "esen_linear_force_head"}},
+        "fairchem_dens.models.esen.DeNSeSENNoiseHead",
+        TINY_ESEN,
+        label="esen_direct",
+        noise_block="linear",
+        checkpoint_kwarg="activation_checkpointing",
+        multi_resolution=False,
+    ),
+    Family(  # conservative: forces and stress are gradients of the energy (one head)
+        "esen_backbone",
+        "fairchem_dens.models.esen.DeNSeSENBackbone",
+        {"efs": {"module": "esen_mlp_efs_head"}},
+        "fairchem_dens.models.esen.DeNSeSENNoiseHead",
+        TINY_ESEN_CONSERVATIVE,
+        label="esen_conservative_efs",
+        noise_block="linear",
+        checkpoint_kwarg="activation_checkpointing",
+        multi_resolution=False,
+        outputs=("energy", "forces", "stress"),
     ),
 ]
 DENS_KEYS = ("backbone.force_encoding.", "output_heads.denoise.")
@@ -73,7 +104,9 @@ def run(model: HydraModel, batch, seed: int = 0) -> dict:
     rotation frame (fairchem's ``init_edge_rot_mat``), so outputs are reproducible only under
     the same RNG state."""
     torch.manual_seed(seed)
-    return model(copy.copy(batch))
+    b = copy.copy(batch)
+    b.pos = batch.pos.detach()  # conservative eSEN sets pos.requires_grad: not on the caller's
+    return model(b)
 
 
 def with_dens_fields(batch, mask: torch.Tensor, forces: torch.Tensor | None = None):
@@ -100,14 +133,15 @@ def test_eval_outputs_equal_the_plain_model_with_same_weights(family, oc20_batch
     assert not result.unexpected_keys
     assert result.missing_keys and all(k.startswith(DENS_KEYS) for k in result.missing_keys)
     calls = []
-    dens.output_heads["denoise"].force_block.register_forward_hook(lambda *a: calls.append(1))
+    dens.output_heads["denoise"].get_submodule(family.noise_block).register_forward_hook(
+        lambda *a: calls.append(1))
     dens.backbone.force_encoding.register_forward_hook(lambda *a: calls.append(2))
     mask = torch.ones(oc20_batch.natoms.sum(), dtype=torch.bool)
     for batch in (oc20_batch, with_dens_fields(oc20_batch, mask)):  # fields ignored in eval
         ref, out = run(plain, batch), run(dens, batch)
-        assert set(out) == {"energy", "forces"}
-        assert torch.equal(out["energy"], ref["energy"])
-        assert torch.equal(out["forces"], ref["forces"])
+        assert set(out) == set(ref) == set(family.outputs)
+        for key in family.outputs:
+            assert torch.equal(out[key], ref[key]), key
     assert calls == []  # the noise block never ran
 
 
@@ -138,7 +172,7 @@ def test_force_encoding_changes_training_outputs_only_through_corrupted_atoms(
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_rotation_equivariance_of_energy_forces_and_noise(family, oc20_batch, seed) -> None:
+def test_rotation_equivariance_of_energy_forces_stress_and_noise(family, oc20_batch, seed) -> None:
     dens = build(family, dens=True).train()
     with torch.no_grad():  # eSCN's U(+-0.001) encoder would hide in float32 noise: test it at O(1)
         dens.backbone.force_encoding.linear.weight.uniform_(-1.0, 1.0)
@@ -154,6 +188,10 @@ def test_rotation_equivariance_of_energy_forces_and_noise(family, oc20_batch, se
     assert_invariant(out_rot["energy"], out["energy"])
     assert_rotates(out_rot["forces"], out["forces"], rot)
     assert_rotates(out_rot["noise"], out["noise"], rot)
+    if "stress" in family.outputs:  # a rank-2 tensor: S -> R S R^T
+        stress = out["stress"].view(-1, 3, 3)
+        assert stress.abs().max() > 0
+        assert_invariant(out_rot["stress"].view(-1, 3, 3), rot @ stress @ rot.T)
 
 
 def test_dens_only_parameters_are_force_encoding_and_noise_head(family) -> None:
@@ -165,6 +203,8 @@ def test_dens_only_parameters_are_force_encoding_and_noise_head(family) -> None:
 
 
 def test_multi_resolution_is_refused_clearly(family) -> None:
+    if not family.multi_resolution:
+        pytest.skip(f"{family} takes a single lmax: it has no multi-resolution setting")
     with pytest.raises(ValueError, match="lmax_list=\\[2, 3\\]"):
         build(family, dens=True, lmax_list=[2, 3], mmax_list=[2, 2])
 
@@ -174,7 +214,7 @@ def test_activation_checkpointing_gives_the_same_gradients(family, oc20_batch) -
     must be added again, identically."""
     grads = []
     for checkpointing in (False, True):
-        model = build(family, dens=True, activation_checkpoint=checkpointing).train()
+        model = build(family, dens=True, **{family.checkpoint_kwarg: checkpointing}).train()
         mask = torch.zeros(int(oc20_batch.natoms.sum()), dtype=torch.bool)
         mask[::3] = True
         out = run(model, with_dens_fields(oc20_batch, mask))
@@ -184,3 +224,85 @@ def test_activation_checkpointing_gives_the_same_gradients(family, oc20_batch) -
     assert grads[0].abs().sum() > 0
     assert torch.allclose(grads[0], grads[2], rtol=1e-4, atol=1e-7)
     assert torch.allclose(grads[1], grads[3], rtol=1e-4, atol=1e-7)
+
+
+def test_conservative_esen_forces_and_stress_are_derivatives_of_the_encoded_energy(
+    oc20_batch,
+) -> None:
+    """With force encoding on corrupted atoms, esen_mlp_efs_head's forces and stress are still
+    the exact derivatives of its energy (the encoding depends on the encoded forces and mask,
+    never on positions or cell): central finite differences in float64."""
+    family = next(f for f in FAMILIES if str(f) == "esen_conservative_efs")
+    # float64 throughout: fairchem's on-the-fly graph is float32-only, so the graph (which pairs,
+    # which cell offsets) is built once here and eSEN computes the edge vectors in float64
+    model = build(family, dens=True, otf_graph=False).double().train()
+    with torch.no_grad():  # an O(1) encoder, so the encoded energy differs from the plain one
+        model.backbone.force_encoding.linear.weight.uniform_(-1.0, 1.0)
+    attach_dens_trainer(model)
+    batch = copy.copy(oc20_batch)
+    edge_index, cell_offsets, neighbors = radius_graph_pbc(batch, 5.0, 30)
+    batch.edge_index, batch.cell_offsets, batch.nedges = edge_index, cell_offsets, neighbors
+    batch.atomic_numbers_full, batch.batch_full = batch.atomic_numbers.long(), batch.batch
+    batch.pos, batch.cell = batch.pos.double(), batch.cell.double()
+    n = int(batch.natoms.sum())
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[::2] = True
+    batch = with_dens_fields(batch, mask, oc20_batch.forces.double())
+    out = run(model, batch)
+    assert not torch.allclose(out["energy"], run(model, with_dens_fields(
+        batch, torch.zeros(n, dtype=torch.bool), batch[DENS_FORCES_KEY]))["energy"])
+
+    def energy(pos: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        b = copy.copy(batch)
+        b.pos, b.cell = pos, cell
+        with torch.no_grad():
+            return run(model, b)["energy"].detach()
+
+    h = 1e-4
+    direction = torch.tensor([0.48, -0.6, 0.64], dtype=torch.float64)  # unit, no axis
+    for atom in (0, 1):  # a corrupted and an uncorrupted atom: directional derivative
+        step = torch.zeros_like(batch.pos)
+        step[atom] = h * direction
+        fd = -(energy(batch.pos + step, batch.cell) - energy(batch.pos - step, batch.cell))
+        assert torch.allclose(out["forces"][atom] @ direction, fd.sum() / (2 * h), rtol=1e-5,
+                              atol=1e-9), atom
+    # stress = (1/V) dE/d(strain), fairchem's convention: pos -> pos (1 + strain), same for cell
+    graph = 1  # strain only the second structure
+    in_graph = (batch.batch == graph).view(-1, 1)
+    volume = torch.det(batch.cell[graph]).abs()
+    for i, j in ((2, 2), (0, 1)):
+        strain = torch.zeros(3, 3, dtype=torch.float64)
+        strain[i, j] = strain[j, i] = h if i == j else h / 2  # symmetric, as fairchem's
+        values = []
+        for sign in (1.0, -1.0):
+            deform = torch.eye(3, dtype=torch.float64) + sign * strain
+            pos = torch.where(in_graph, batch.pos @ deform, batch.pos)
+            cell = batch.cell.clone()
+            cell[graph] = cell[graph] @ deform
+            values.append(energy(pos, cell)[graph])
+        fd = (values[0] - values[1]) / (2 * h) / volume
+        assert torch.allclose(out["stress"].view(-1, 3, 3)[graph, i, j], fd, rtol=1e-5,
+                              atol=1e-10), (i, j)
+
+
+def test_export_gives_fairchems_plain_model_with_the_same_eval_outputs(family, oc20_batch) -> None:
+    """``fairchem-dens export`` (export_checkpoint) on each family: the plain config names the
+    family's fairchem backbone, the noise head is gone, and the plain model built from it gives
+    the DeNS model's eval outputs exactly."""
+    from fairchem_dens.export import export_checkpoint
+
+    dens = build(family, dens=True).eval()
+    heads = {**copy.deepcopy(family.heads), "denoise": {"module": family.noise_head}}
+    model_config = {"name": "hydra", "pass_through_head_outputs": True, "heads": heads,
+                    "backbone": {"model": family.dens_backbone, **family.kwargs}}
+    ckpt = {"state_dict": {f"module.{k}": v for k, v in dens.state_dict().items()},
+            "config": {"model": model_config, "trainer": TRAINER_PATH}}
+    out = export_checkpoint(ckpt)
+    plain_config = out["config"]["model"]
+    assert plain_config["backbone"]["model"] == family.plain_backbone
+    assert set(plain_config["heads"]) == set(family.heads)
+    plain = build(family, dens=False, seed=5).eval()
+    plain.load_state_dict({k[len("module."):]: v for k, v in out["state_dict"].items()})
+    ref, got = run(dens, oc20_batch), run(plain, oc20_batch)
+    for key in family.outputs:
+        assert torch.equal(got[key], ref[key]), key

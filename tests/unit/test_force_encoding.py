@@ -72,3 +72,16 @@ def test_escn_backbone_initialises_its_encoder_like_the_authors() -> None:
     assert 0.0009 < escn.abs().max() <= 0.001  # escn_denoising.py: uniform_(weight, -1e-3, 1e-3)
     eqv2 = DeNSEquiformerV2Backbone(**TINY_EQV2).force_encoding.linear.weight.detach()
     assert eqv2.abs().max() > 0.9  # EquiformerV2 keeps SO3_LinearV2's default
+
+
+def test_esen_backbone_initialises_its_encoder_like_fairchems_esen_dens() -> None:
+    """fairchem's esen_dens.py encodes with its SO3_Linear(1, C): U(+-1/sqrt(1)) weights, 0 bias."""
+    from fairchem_dens.models.esen import DeNSeSENBackbone
+    from tests.conftest import TINY_ESEN
+
+    torch.manual_seed(0)
+    encoder = DeNSeSENBackbone(**TINY_ESEN).force_encoding
+    assert (encoder.lmax, encoder.channels) == (TINY_ESEN["lmax"], TINY_ESEN["sphere_channels"])
+    w = encoder.linear.weight.detach()
+    assert 0.9 < w.abs().max() <= 1.0
+    assert torch.count_nonzero(encoder.linear.bias) == 0
