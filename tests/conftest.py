@@ -204,3 +204,13 @@ def build_trainer(config: dict, seed: int = 0):
         name=task_name,
     )
 
+
+@pytest.fixture
+def _single_thread():
+    """One intra-op thread: with several, torch's CPU backward accumulates scatter sums in a
+    varying order, so gradient forces (eSEN's efs head) differ between two runs of the *same*
+    model in the last bits; bitwise comparisons need a deterministic order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

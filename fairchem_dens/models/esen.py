@@ -57,10 +57,23 @@ class DeNSeSENNoiseHead(DeNSNoiseHeadMixin, Linear_Force_Head):
     the node embedding to one channel, whose l = 1 part is the vector) predicting the normalised
     noise eps/sigma ``[N, 3]`` (key ``noise``)."""
 
-    def __init__(self, backbone: eSEN_Backbone, output_name: str = "noise") -> None:
-        super().__init__(backbone)
+    def __init__(self, backbone: eSEN_Backbone, output_name: str = "noise",
+                 restrict_to_corrupted: bool = True) -> None:
+        super().__init__(backbone, restrict_to_corrupted=restrict_to_corrupted)
         self.output_name = output_name
 
     def forward(self, data: Batch, emb: dict[str, Any]) -> dict[str, torch.Tensor]:
         out = super().forward(data, emb)  # {} unless a corrupted training batch
-        return {self.output_name: out["forces"]} if out else {}
+        # its one entry, named "forces" by the stock head (or ours when nothing is corrupted)
+        return {self.output_name: next(iter(out.values()))} if out else {}
+
+    def _restrict(self, emb: dict[str, Any], mask: torch.Tensor) -> dict[str, Any] | None:
+        """A per-atom linear readout: each row depends on its own atom's embedding only, so
+        there is no message passing to cut; the readout of all rows costs what a gather of the
+        corrupted rows would."""
+        return emb if bool(mask.any()) else None
+
+    def _expand(self, out: dict[str, torch.Tensor], mask: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+        keep = mask.unsqueeze(-1)  # [N, 1]: rows of uncorrupted atoms are zero (the contract)
+        return {key: value * keep.to(value.dtype) for key, value in out.items()}

@@ -22,6 +22,8 @@ from fairchem_dens.models.dens import (
 from tests.conftest import TINY_EQV2, TINY_ESCN, TINY_ESEN, TINY_ESEN_CONSERVATIVE
 from tests.equivariance import assert_invariant, assert_rotates, random_rotation
 
+# bitwise comparisons of gradient forces need one intra-op thread (see tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("_single_thread")
 
 @dataclass(frozen=True)
 class Family:
