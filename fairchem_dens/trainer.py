@@ -24,8 +24,10 @@ checkpointing, validation and prediction are fairchem's own (with exact resume f
   share one denominator, the batch's free atoms (the authors' OC20/OC22 trainer, see
   :func:`~fairchem_dens.loss.shared_free_atom_loss`). lambda_DeNS follows
   ``coefficient_schedule`` (:mod:`fairchem_dens.schedule`).
-* ``_compute_metrics``: S2EF metrics on uncorrupted atoms plus ``denoising_*`` on corrupted ones
-  and ``dens_coefficient`` (lambda_DeNS of the step).
+* ``_compute_metrics``: S2EF metrics on uncorrupted atoms (structures with none left out of the
+  threshold metric, :class:`~fairchem_dens.loss.ScoredStructuresEvaluator`) plus ``denoising_*``
+  on corrupted ones, ``dens_coefficient`` (lambda_DeNS of the step) and ``dens_skipped_<filter>``
+  (structures each ``optim.dens`` filter kept from DeNS).
 * ``load_loss``: swaps ``DDPLoss`` for :class:`ZeroSafeDDPLoss` (finite when a term is empty).
 
 Validation, prediction and relaxations run the model in eval mode and never see corruption.
@@ -154,6 +156,14 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
                 f"atoms this changes nothing). Set outputs.{key}.train_on_free_atoms: true."
             )
         self._check_normalizers()
+        stress_terms = [t for t, _ in self.loss_functions if "stress" in t]
+        if dens.enabled and stress_terms:
+            raise DeNSConfigError(
+                f"loss_functions has stress term(s) {stress_terms}, which DeNS does not handle yet: "
+                "a corrupted structure's stress label belongs to the original structure, and "
+                "this trainer would train the noisy structure's stress against it (see "
+                "docs/esen.md). Remove the stress terms from loss_functions, or set "
+                f"optim.dens.prob: 0 (plain training; now {dens.prob}).")
         model = self._unwrapped_model
         heads = noise_head_names(model)
         if dens.enabled and len(heads) != 1:
