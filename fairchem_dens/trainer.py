@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import logging
 from typing import Any
 
@@ -72,6 +71,7 @@ from fairchem_dens.models.dens import (
     dens_only_parameters,
     noise_head_names,
 )
+from fairchem_dens.optim_config import with_scheduler_params
 from fairchem_dens.resume import ExactResumeMixin
 from fairchem_dens.schedule import CoefficientSchedule
 
@@ -102,7 +102,7 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
                     f"DeNS (optim.dens.prob={self.dens.prob}): the force encoding and the "
                     "per-atom corruption are not split across graph-parallel ranks. Remove "
                     "--gp-gpus / gp_gpus, or set optim.dens.prob: 0 for plain training.")
-            kwargs["optimizer"] = _with_scheduler_params(optim)
+            kwargs["optimizer"] = with_scheduler_params(optim)
             pretrain.describe_finetune_config(kwargs.get("model", {}))
         if self.dens is not None and self.dens.pretrain:
             pretrain.check_pretrain_config(kwargs.get("dataset"))
@@ -488,36 +488,6 @@ def _check_hydra_model(model: dict) -> None:
         "fairchem.core.models.utils.convert_checkpoint_and_config_to_hydra; a legacy "
         "EquiformerV2 checkpoint passed with --checkpoint is converted on load. See "
         "configs/oc20/s2ef/demo/eqv2_dens_cpu.yml.")
-
-
-def _with_scheduler_params(optim: dict) -> dict:
-    """fairchem's EquiformerV2 trainer (our base) reads the LR schedule from
-    ``optim.scheduler_params``; fairchem's plain ``forces`` trainer reads the scheduler's
-    arguments from ``optim`` itself. A config written for the latter gets the same schedule:
-    the named scheduler's arguments are copied into ``scheduler_params`` (logged)."""
-    if "scheduler_params" in optim:
-        return optim
-    name = optim.get("scheduler")
-    fix = ("add optim.scheduler_params, e.g. `scheduler: LambdaLR, scheduler_params: "
-           "{lambda_type: cosine, warmup_factor: 0.2, warmup_epochs: 0.1, lr_min_factor: 0.01}`, "
-           "or `scheduler: Null` for a constant learning rate")
-    if name is None or name == "LambdaLR":
-        raise DeNSConfigError(
-            f"optim.scheduler_params is missing (optim.scheduler={name!r}): this trainer is "
-            "fairchem's EquiformerV2 trainer, which reads the LR schedule from "
-            "optim.scheduler_params (fairchem's plain `forces` trainer's default warm-up / "
-            f"lr_milestones schedule does not exist there). Fix: {fix}.")
-    if name == "Null":
-        params: dict = {}
-    else:
-        scheduler = getattr(torch.optim.lr_scheduler, str(name), None)
-        if scheduler is None:
-            raise DeNSConfigError(f"optim.scheduler={name!r} is not a torch.optim.lr_scheduler "
-                                  f"class; {fix}.")
-        accepted = set(inspect.signature(scheduler).parameters) - {"optimizer"}
-        params = {k: v for k, v in optim.items() if k in accepted}
-    logging.info(f"optim.scheduler_params not set: using {params} from optim (scheduler {name})")
-    return {**optim, "scheduler_params": params}
 
 
 def _log_changed_dens_settings(checkpoint: dict, current: DeNSConfig | None) -> None:
