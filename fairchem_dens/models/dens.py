@@ -165,6 +165,23 @@ class DeNSNoiseHeadMixin:
         return out
 
 
+class ForceHeadNoiseMixin(DeNSNoiseHeadMixin):
+    """:class:`DeNSNoiseHeadMixin` for a stock force head whose ``__init__`` takes only the
+    backbone and whose output is one ``[N, 3]`` entry under its own name (``forces``): the entry
+    is returned as ``output_name``. Put it first in the bases; a subclass still provides
+    ``_restrict`` (and ``_expand``)."""
+
+    def __init__(self, backbone: Any, output_name: str = "noise",
+                 restrict_to_corrupted: bool = True) -> None:
+        super().__init__(backbone, restrict_to_corrupted=restrict_to_corrupted)
+        self.output_name = output_name
+
+    def forward(self, data: Batch, emb: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = super().forward(data, emb)  # {} unless a corrupted training batch
+        # its one entry, named by the stock head (or ``output_name`` when nothing is corrupted)
+        return {self.output_name: next(iter(out.values()))} if out else {}
+
+
 def dens_only_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters that exist only for DeNS (force encoding and noise heads) in ``model``."""
     params: list[nn.Parameter] = []

@@ -16,12 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 from fairchem.core.models.escn.escn import eSCNBackbone, eSCNForceHead
 
-from fairchem_dens.models.dens import DeNSBackboneMixin, DeNSNoiseHeadMixin
+from fairchem_dens.models.dens import DeNSBackboneMixin, ForceHeadNoiseMixin
 
 if TYPE_CHECKING:
     import torch
-    from fairchem.core.models.base import BackboneInterface
-    from torch_geometric.data import Batch
 
 
 class DeNSeSCNBackbone(DeNSBackboneMixin, eSCNBackbone):
@@ -36,22 +34,12 @@ class DeNSeSCNBackbone(DeNSBackboneMixin, eSCNBackbone):
         self._init_dens(weight_init_bound=self.force_encoding_init)
 
 
-class DeNSeSCNNoiseHead(DeNSNoiseHeadMixin, eSCNForceHead):
+class DeNSeSCNNoiseHead(ForceHeadNoiseMixin, eSCNForceHead):
     """Noise head: an eSCN force block (grid sampling + projection on the sphere points)
     predicting the normalised noise eps/sigma ``[N, 3]`` (key ``noise``).
 
     The force block works on each atom's own sphere samples, so with ``restrict_to_corrupted``
     (default) it runs on the corrupted atoms' samples only; other rows are zero."""
-
-    def __init__(self, backbone: BackboneInterface, output_name: str = "noise",
-                 restrict_to_corrupted: bool = True) -> None:
-        super().__init__(backbone, restrict_to_corrupted=restrict_to_corrupted)
-        self.output_name = output_name
-
-    def forward(self, data: Batch, emb: dict[str, Any]) -> dict[str, torch.Tensor]:
-        out = super().forward(data, emb)  # {} unless a corrupted training batch
-        # its one entry, named "forces" by the stock head (or ours when nothing is corrupted)
-        return {self.output_name: next(iter(out.values()))} if out else {}
 
     def _restrict(self, emb: dict[str, Any], mask: torch.Tensor) -> dict[str, Any] | None:
         values = emb["sphere_values"]  # [N * S, C], S sphere samples per atom

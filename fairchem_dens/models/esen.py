@@ -20,11 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from fairchem.core.models.esen.esen import Linear_Force_Head, eSEN_Backbone
 
-from fairchem_dens.models.dens import DeNSBackboneMixin, DeNSNoiseHeadMixin
+from fairchem_dens.models.dens import DeNSBackboneMixin, ForceHeadNoiseMixin
 
 if TYPE_CHECKING:
     import torch
-    from torch_geometric.data import Batch
 
 
 class DeNSeSENBackbone(DeNSBackboneMixin, eSEN_Backbone):
@@ -52,20 +51,10 @@ class DeNSeSENBackbone(DeNSBackboneMixin, eSEN_Backbone):
         return [self.lmax]
 
 
-class DeNSeSENNoiseHead(DeNSNoiseHeadMixin, Linear_Force_Head):
+class DeNSeSENNoiseHead(ForceHeadNoiseMixin, Linear_Force_Head):
     """Noise head: eSEN's direct force readout (an SO(3) linear map of the l <= 1 coefficients of
     the node embedding to one channel, whose l = 1 part is the vector) predicting the normalised
     noise eps/sigma ``[N, 3]`` (key ``noise``)."""
-
-    def __init__(self, backbone: eSEN_Backbone, output_name: str = "noise",
-                 restrict_to_corrupted: bool = True) -> None:
-        super().__init__(backbone, restrict_to_corrupted=restrict_to_corrupted)
-        self.output_name = output_name
-
-    def forward(self, data: Batch, emb: dict[str, Any]) -> dict[str, torch.Tensor]:
-        out = super().forward(data, emb)  # {} unless a corrupted training batch
-        # its one entry, named "forces" by the stock head (or ours when nothing is corrupted)
-        return {self.output_name: next(iter(out.values()))} if out else {}
 
     def _restrict(self, emb: dict[str, Any], mask: torch.Tensor) -> dict[str, Any] | None:
         """A per-atom linear readout: each row depends on its own atom's embedding only, so

@@ -10,8 +10,8 @@ import copy
 import pytest
 import torch
 
-from fairchem_dens.trainer import NOISE_PRED_KEY
 from tests.conftest import TINY_ESEN, TINY_ESEN_CONSERVATIVE, build_trainer, demo_config
+from tests.integration.test_trainer import dens_loss, energy_loss, mixed_step, per_term_loss
 
 DENS = {"prob": 0.5, "corrupt_ratio": 0.5, "std": 0.1, "coefficient": 10}
 NOISE_HEAD = {"module": "fairchem_dens.models.esen.DeNSeSENNoiseHead"}
@@ -40,32 +40,10 @@ def trainer(request, demo_lmdb, tmp_path):
     return esen_trainer(demo_lmdb, tmp_path, request.param, DENS)
 
 
-def mixed_step(trainer):
-    """A training forward mixing corrupted and plain structures, with free uncorrupted atoms."""
-    batch = next(iter(trainer.train_loader))
-    trainer.model.train()
-    for step in range(1, 200):
-        trainer.step = step
-        b = copy.copy(batch)
-        out = trainer._forward(b)
-        c = trainer._dens_step
-        if c.num_corrupted and (~c.selected).any() and ((b.fixed == 0) & ~c.mask).any():
-            return b, out, c
-    raise AssertionError("no mixed step found")
-
-
 def test_esen_dens_loss_is_energy_plus_uncorrupted_forces_plus_denoising(trainer) -> None:
     batch, out, c = mixed_step(trainer)
     loss = trainer._compute_loss(out, batch)
-
-    energy_target = trainer.elementrefs["energy"].dereference(batch.energy.view(-1, 1), batch)
-    energy_target = trainer.normalizers["energy"].norm(energy_target)
-    l_energy = (out["energy"].view(-1, 1) - energy_target).abs().mean()
-    keep = (batch.fixed == 0) & ~c.mask
-    f_target = trainer.normalizers["forces"].norm(batch.forces)
-    l_forces = (out["forces"][keep] - f_target[keep]).norm(dim=-1).mean()
-    l_dens = (out[NOISE_PRED_KEY][c.mask] - c.target[c.mask]).norm(dim=-1).mean()
-    expected = 2 * l_energy + 100 * l_forces + 10 * l_dens
+    expected, _, l_forces, l_dens = per_term_loss(trainer, batch, out, c)
     assert torch.allclose(loss, expected, rtol=1e-6, atol=0), (loss.item(), expected.item())
     assert l_dens > 0 and l_forces > 0
 
@@ -90,9 +68,6 @@ def test_conservative_esen_with_every_free_atom_corrupted_trains_energy_and_nois
     c = trainer._dens_step
     assert c.num_free_uncorrupted == 0 and torch.equal(c.mask, b.fixed == 0)
     loss = trainer._compute_loss(out, b)
-    energy_target = trainer.normalizers["energy"].norm(
-        trainer.elementrefs["energy"].dereference(b.energy.view(-1, 1), b))
-    l_energy = (out["energy"].view(-1, 1) - energy_target).abs().mean()
-    l_dens = (out[NOISE_PRED_KEY][c.mask] - c.target[c.mask]).norm(dim=-1).mean()
-    assert torch.allclose(loss, 2 * l_energy + 10 * l_dens, rtol=1e-6, atol=0)
+    expected = 2 * energy_loss(trainer, b, out) + 10 * dens_loss(out, c)
+    assert torch.allclose(loss, expected, rtol=1e-6, atol=0)
     assert torch.isfinite(loss)

@@ -16,8 +16,9 @@ from fairchem.core.modules.evaluator import Evaluator
 from fairchem_dens.config import DeNSConfig, DeNSConfigError
 from fairchem_dens.loss import ScoredStructuresEvaluator
 from fairchem_dens.models.dens import DeNSTrainerRequired
-from fairchem_dens.trainer import NOISE_PRED_KEY, _log_changed_dens_settings
+from fairchem_dens.trainer import _log_changed_dens_settings
 from tests.conftest import build_trainer, demo_config
+from tests.integration.test_trainer import dens_loss, energy_loss
 
 ALL_FREE = {"prob": 1.0, "corrupt_ratio": 1.0, "std": 0.1, "coefficient": 10}
 
@@ -45,11 +46,8 @@ def test_every_free_atom_corrupted_trains_energy_and_denoising_only(demo_lmdb, t
     c = trainer._dens_step
     assert c.num_free_uncorrupted == 0 and torch.equal(c.mask, b.fixed == 0)
 
-    energy_target = trainer.normalizers["energy"].norm(
-        trainer.elementrefs["energy"].dereference(b.energy.view(-1, 1), b))
-    l_energy = (out["energy"].view(-1, 1) - energy_target).abs().mean()
-    l_dens = (out[NOISE_PRED_KEY][c.mask] - c.target[c.mask]).norm(dim=-1).mean()
-    assert torch.allclose(loss, 2 * l_energy + 10 * l_dens, rtol=1e-6, atol=0)
+    expected = 2 * energy_loss(trainer, b, out) + 10 * dens_loss(out, c)
+    assert torch.allclose(loss, expected, rtol=1e-6, atol=0)
     loss.backward()
     forces_head = trainer._unwrapped_model.output_heads["forces"]
     grads = [p.grad for p in forces_head.parameters()]

@@ -42,20 +42,33 @@ def mixed_step(trainer):
     raise AssertionError("no mixed step found")
 
 
-def test_loss_is_exactly_energy_plus_uncorrupted_forces_plus_denoising(trainer) -> None:
-    batch, out, c = mixed_step(trainer)
-    loss = trainer._compute_loss(out, batch)
-
+def energy_loss(trainer, batch, out) -> torch.Tensor:
+    """The demo configs' energy term by hand: MAE of the referenced, normalised energies."""
     energy_target = trainer.elementrefs["energy"].dereference(batch.energy.view(-1, 1), batch)
     energy_target = trainer.normalizers["energy"].norm(energy_target)
-    l_energy = (out["energy"].view(-1, 1) - energy_target).abs().mean()
+    return (out["energy"].view(-1, 1) - energy_target).abs().mean()
 
+
+def dens_loss(out, c) -> torch.Tensor:
+    """The DeNS term by hand: l2mae of the predicted vs true eps/sigma over corrupted atoms."""
+    return (out[NOISE_PRED_KEY][c.mask] - c.target[c.mask]).norm(dim=-1).mean()
+
+
+def per_term_loss(trainer, batch, out, c) -> tuple[torch.Tensor, ...]:
+    """The demo configs' DeNS loss by hand (``reduction: per_term``), and its three terms:
+    2 L_E (mae) + 100 L_F (l2mae, free uncorrupted atoms) + 10 L_DeNS (l2mae, corrupted)."""
+    l_energy = energy_loss(trainer, batch, out)
     keep = (batch.fixed == 0) & ~c.mask
     f_target = trainer.normalizers["forces"].norm(batch.forces)
     l_forces = (out["forces"][keep] - f_target[keep]).norm(dim=-1).mean()
+    l_dens = dens_loss(out, c)
+    return 2 * l_energy + 100 * l_forces + 10 * l_dens, l_energy, l_forces, l_dens
 
-    l_dens = (out[NOISE_PRED_KEY][c.mask] - c.target[c.mask]).norm(dim=-1).mean()
-    expected = 2 * l_energy + 100 * l_forces + 10 * l_dens
+
+def test_loss_is_exactly_energy_plus_uncorrupted_forces_plus_denoising(trainer) -> None:
+    batch, out, c = mixed_step(trainer)
+    loss = trainer._compute_loss(out, batch)
+    expected, _, l_forces, _ = per_term_loss(trainer, batch, out, c)
     assert torch.allclose(loss, expected, rtol=1e-6, atol=0), (loss.item(), expected.item())
     # each term once: dropping any of them, or counting forces twice, would change the value
     assert abs(loss.item() - (expected + 100 * l_forces).item()) > 1e-3 * loss.item()
