@@ -84,6 +84,8 @@ def build_models(model: str, num_layers: int | None = None
     from fairchem.core.common.utils import load_config, setup_imports
     from fairchem.core.models.base import HydraModel
 
+    from fairchem_dens.models.dens import attach_dens_trainer
+
     setup_imports()
     dens_cfg, _, _ = load_config(str(REPO / f"configs/oc20/s2ef/demo/{model}_dens_cpu.yml"))
     plain_cfg, _, _ = load_config(str(REPO / f"configs/oc20/s2ef/demo/{model}_cpu.yml"))
@@ -105,6 +107,8 @@ def build_models(model: str, num_layers: int | None = None
         m.pop("name")
         torch.manual_seed(0)
         models[name] = HydraModel(**m)
+        # driven like DenoisingForcesTrainer drives it (steps without corruption included)
+        attach_dens_trainer(models[name])
     plain_state = models["plain"].state_dict()
     # the port names its head blocks scalar_block/vector_block (fairchem: energy/force_block)
     port_names = {".energy_block.": ".scalar_block.", ".force_block.": ".vector_block."}

@@ -109,3 +109,24 @@ def test_faithful_ablations_run_next_to_their_own_baselines(demo_lmdb, monkeypat
     assert summary["md17_sigma_e/plain"]["train_forces_mae"] == [0.05]
     assert summary["md17_sigma_e/plain"]["plateau"]["0"][0] is False  # 0.2 -> 0.1 in the tail
     assert "1.100 (1.100) vs plain_rms" in table and "seed 0 NO" in table
+
+
+@pytest.mark.parametrize("model", ["eqv2", "escn"])
+def test_overhead_models_share_weights_and_train_without_corruption(model, oc20_batch) -> None:
+    """overhead.py times plain steps of the DeNS models too (as the trainer runs steps without a
+    corrupted atom): they must be driven as the trainer drives them, and hold the plain weights."""
+    import copy
+
+    import overhead
+    import torch
+
+    models, _ = overhead.build_models(model, num_layers=1)
+    plain = models["plain"].state_dict()
+    for name, m in models.items():
+        m.train()
+        torch.manual_seed(0)
+        out = m(copy.copy(oc20_batch))  # no DeNS fields: a step without corruption
+        assert out["forces"].shape == (int(oc20_batch.natoms.sum()), 3), name
+        if name != "port":
+            state = m.state_dict()
+            assert all(torch.equal(state[k], v) for k, v in plain.items()), name
