@@ -41,6 +41,7 @@ def shared_free_atom_loss(
     corrupted: torch.Tensor,
     forces_coefficient: float,
     dens_coefficient: float,
+    num_counted: int | None = None,
 ) -> torch.Tensor:
     """The forces + DeNS loss of the authors' OC20/OC22 trainer (their
     ``compute_atomwise_denoising_pos_and_force_hybrid_loss``), reduced across ranks by
@@ -62,18 +63,21 @@ def shared_free_atom_loss(
     free: bool ``[N]``, atom is free (``fixed == 0``).
     corrupted: bool ``[N]``, atom was corrupted.
     forces_coefficient, dens_coefficient: lambda_F and lambda_DeNS.
+    num_counted: this rank's number of free-or-corrupted atoms when the caller knows it on the
+        host (the corruption draw does); ``None`` counts ``free | corrupted`` (one device sync).
 
     Returns
     -------
     Scalar loss, already multiplied by the world size as ``DDPLoss`` does (DDP averages gradients).
     """
-    counted = free | corrupted
     forces_err = (forces_pred - forces_target)[free & ~corrupted].norm(dim=-1)
     total = forces_coefficient * forces_err.sum()
     if noise_pred is not None:
         noise_err = (noise_pred - noise_target)[corrupted].norm(dim=-1)
         total = total + dens_coefficient * noise_err.sum()
-    count = distutils.all_reduce(int(counted.sum()), device=forces_pred.device)
+    if num_counted is None:
+        num_counted = int((free | corrupted).sum())
+    count = distutils.all_reduce(num_counted, device=forces_pred.device)
     count = count.clamp_min(1) if torch.is_tensor(count) else max(count, 1)
     return total * distutils.get_world_size() / count
 

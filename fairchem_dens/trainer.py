@@ -381,7 +381,9 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
         return shared_free_atom_loss(
             out[key], target.view(-1, 3), out[NOISE_PRED_KEY] if noisy else None,
             step.target if noisy else target, batch.fixed == 0, corrupted.view(-1).bool(),
-            lambda_f, self.dens_coefficient())
+            lambda_f, self.dens_coefficient(),
+            # host counts of the draw: corrupted and free uncorrupted atoms are disjoint
+            None if step is None else step.num_corrupted + step.num_free_uncorrupted)
 
     def _free_atom_target(self, target: str) -> bool:
         spec = self.output_targets[target]

@@ -59,8 +59,8 @@ class DeNSeSENNoiseHead(ForceHeadNoiseMixin, Linear_Force_Head):
     def _restrict(self, emb: dict[str, Any], mask: torch.Tensor) -> dict[str, Any] | None:
         """A per-atom linear readout: each row depends on its own atom's embedding only, so
         there is no message passing to cut; the readout of all rows costs what a gather of the
-        corrupted rows would."""
-        return emb if bool(mask.any()) else None
+        corrupted rows would (no host sync: ``_expand`` zeroes the other rows)."""
+        return emb
 
     def _expand(self, out: dict[str, torch.Tensor], mask: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
