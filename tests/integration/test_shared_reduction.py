@@ -6,7 +6,6 @@ noise targets eps/std_high)."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 from fairchem_dens.config import DeNSConfigError
 from fairchem_dens.trainer import NOISE_PRED_KEY
 from tests.conftest import build_trainer, demo_config
-from tests.integration.test_trainer import energy_loss
+from tests.integration.test_trainer import energy_loss, mixed_step
 
 SHARED = {"prob": 0.5, "corrupt_ratio": 0.5, "std_high": 0.5, "std_low": 0.01, "num_steps": 5,
           "coefficient": 10, "reduction": "shared_free_atoms"}
@@ -34,15 +33,8 @@ def partial_step(trainer):
     assert (batch.fixed == 1).any(), "the OC20 slabs must have fixed atoms"
     seen = []
     trainer._unwrapped_model.register_forward_pre_hook(lambda m, args: seen.append(args[0].pos))
-    trainer.model.train()
-    for step in range(1, 200):
-        trainer.step = step
-        b = copy.copy(batch)
-        out = trainer._forward(b)
-        c = trainer._dens_step
-        if c.num_corrupted and ((b.fixed == 0) & ~c.mask).any():
-            return b, out, seen[-1]
-    raise AssertionError("no partially corrupted step found")
+    b, out, _ = mixed_step(trainer, needs_plain_structure=False)
+    return b, out, seen[-1]
 
 
 def test_loss_is_the_authors_hybrid_formula_over_free_atoms(trainer) -> None:

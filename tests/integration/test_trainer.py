@@ -26,9 +26,10 @@ def first_batch(trainer):
     return next(iter(trainer.train_loader))
 
 
-def mixed_step(trainer):
-    """A training forward whose batch mixes corrupted and plain structures and still has free
-    uncorrupted atoms, so every loss term is exercised (searched over steps, deterministic)."""
+def mixed_step(trainer, needs_plain_structure: bool = True):
+    """A training forward whose batch mixes corrupted and (with ``needs_plain_structure``) plain
+    structures and still has free uncorrupted atoms, so every loss term is exercised (searched
+    over steps, deterministic)."""
     batch = first_batch(trainer)
     trainer.model.train()
     for step in range(1, 200):
@@ -37,7 +38,8 @@ def mixed_step(trainer):
         out = trainer._forward(b)
         c = trainer._dens_step
         free = b.fixed == 0
-        if c.num_corrupted and (~c.selected).any() and (free & ~c.mask).any():
+        plain = (~c.selected).any() or not needs_plain_structure
+        if c.num_corrupted and plain and (free & ~c.mask).any():
             return b, out, c
     raise AssertionError("no mixed step found")
 
