@@ -409,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", action="append", default=[], metavar="DATASET=N",
                         help="train DATASET for N epochs instead of the suite's (e.g. to go on "
                         "to a plateau); repeatable")
+    parser.add_argument("--only", action="append", default=[], metavar="GLOB",
+                        help="run (or report) only the runs whose name matches GLOB, e.g. "
+                        "'md17_sigma_e/*/seed0' or '*/dens/*'; repeatable")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     parser.add_argument("--report", action="store_true",
                         help="run nothing: summarise the finished runs of the suite")
@@ -430,6 +433,12 @@ def main(argv: list[str] | None = None) -> int:
         suite = smoke(suite)
     start = time.time()
     runs, data = plan(suite, args.out / suite.name)
+    if args.only:
+        import fnmatch
+
+        runs = [r for r in runs if any(fnmatch.fnmatchcase(r.name, g) for g in args.only)]
+        if not runs:
+            parser.error(f"--only {args.only}: no run of the {suite.name} suite matches")
     val_first_n = {name: int(o.split("=")[1]) for name in data for o in suite.extra.get(name, ())
                    if o.startswith("--dataset.val.first_n=")}
     floors = {name: datasets.zero_force_mae(ds.lmdb_dir, val_first_n.get(name))
