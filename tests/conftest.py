@@ -145,6 +145,35 @@ def demo_lmdb(tmp_path_factory) -> Path:
     return out
 
 
+#: the mlearn Si training cells (Zuo et al. 2020, DFT energies, forces, virial stress) with at
+#: most this many atoms: 10 cells of 12-36 atoms (bulk, surfaces, strained), a fast real
+#: periodic set with stress
+MLEARN_SI_MAX_ATOMS = 36
+
+
+@pytest.fixture(scope="session")
+def mlearn_si_lmdb(tmp_path_factory) -> Path:
+    """Real mlearn Si with stress, converted to fairchem LMDBs as a user would
+    (``fairchem-dens convert --stress``: ``stress`` [1, 3, 3] eV/Å^3, fairchem's sign): the
+    training cells of at most :data:`MLEARN_SI_MAX_ATOMS` atoms, 2 of them validating."""
+    import ase.io
+
+    from fairchem_dens.data import ConversionOptions, convert
+    from fairchem_dens.data.mlearn import read_mlearn
+
+    src = SHARED / "data" / "mlearn" / "Si" / "training.json.xz"
+    if not src.exists():
+        pytest.skip(f"shared mlearn data not found at {src}")
+    raw = tmp_path_factory.mktemp("mlearn_si_raw")
+    small = [a for a in read_mlearn(src) if len(a) <= MLEARN_SI_MAX_ATOMS]
+    for sid, atoms in enumerate(small):
+        ase.io.write(raw / f"Si_{sid:05d}.extxyz", atoms)
+    out = tmp_path_factory.mktemp("mlearn_si_lmdb")
+    convert(ConversionOptions(inputs=[str(raw)], out_dir=out, overwrite=True,
+                              val_systems=(0, len(small) - 1), stress=True))
+    return out
+
+
 def demo_config(data_dir: Path, dens: dict | None, run_dir: Path, first_n: int | None = None,
                 model: str = "eqv2", **optim) -> dict:
     """The demo config of ``model`` (eqv2 or escn; plain when ``dens`` is None) as a dict with
