@@ -144,15 +144,27 @@ class ScoredStructuresEvaluator(Evaluator):
       are not evaluated: an empty set would give 0/0.
     * the per-structure properties in ``structure_rows`` (stress of a DeNS step) are evaluated
       on the structures where its mask ``[B]`` is true (not at all when none is).
+    * the per-structure properties in ``structure_natoms`` (energy, stress) are evaluated with
+      ``natoms`` = its tensor ``[B]``, each structure's free atoms as fairchem counts them for a
+      plain step (``energy_per_atom_mae`` divides by them, not by the scored atoms).
 
     Every other metric is fairchem's, computed exactly as by ``evaluator``.
     """
 
     def __init__(self, evaluator: Evaluator, skip: Collection[str] = (),
-                 structure_rows: dict[str, torch.Tensor] | None = None) -> None:
+                 structure_rows: dict[str, torch.Tensor] | None = None,
+                 structure_natoms: tuple[Collection[str], torch.Tensor] | None = None) -> None:
         super().__init__(evaluator.task, evaluator.target_metrics)
         self.skip = set(skip)
         self.structure_rows = dict(structure_rows or {})
+        self.structure_props, self.structure_natoms = (
+            (set(structure_natoms[0]), structure_natoms[1]) if structure_natoms else (set(), None))
+
+    def _with_natoms(self, prop: str, d: dict) -> dict:
+        """``d`` with the natoms a per-structure property is evaluated with."""
+        if prop in self.structure_props and self.structure_natoms is not None:
+            return {**d, "natoms": self.structure_natoms}
+        return d
 
     def _subset(self, keep_threshold: bool) -> dict[str, list[str]]:
         subset = {}
@@ -165,12 +177,16 @@ class ScoredStructuresEvaluator(Evaluator):
     def eval(self, prediction, target, prev_metrics=None):
         metrics = prev_metrics or {}
         others = self._subset(keep_threshold=False)
-        if others:
-            metrics = Evaluator(self.task, others).eval(prediction, target, metrics)
+        atom_level = {p: f for p, f in others.items() if p not in self.structure_props}
+        if atom_level:
+            metrics = Evaluator(self.task, atom_level).eval(prediction, target, metrics)
+        for prop in others.keys() - atom_level.keys():
+            pair = (self._with_natoms(prop, d) for d in (prediction, target))
+            metrics = Evaluator(self.task, {prop: others[prop]}).eval(*pair, metrics)
         for prop, rows in self.structure_rows.items():
             fns = [fn for fn in self.target_metrics.get(prop, []) if fn != THRESHOLD_METRIC]
             if fns and prop in prediction and bool(rows.any()):
-                kept = ({prop: d[prop][rows], "natoms": d["natoms"][rows]}
+                kept = ({prop: d[prop][rows], "natoms": self._with_natoms(prop, d)["natoms"][rows]}
                         for d in (prediction, target))
                 metrics = Evaluator(self.task, {prop: fns}).eval(*kept, metrics)
         threshold = self._subset(keep_threshold=True)

@@ -524,25 +524,31 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
             return super()._compute_metrics(out, batch, evaluator, metrics)
         else:
             plain_out = {k: v for k, v in out.items() if k != NOISE_PRED_KEY}
-            metrics = self._scored_metrics(plain_out, self._uncorrupted_view(batch, step),
-                                           evaluator, metrics, step.num_free_uncorrupted)
+            metrics = self._scored_metrics(plain_out, batch, evaluator, metrics,
+                                           step.num_free_uncorrupted)
         if step is not None and step.num_corrupted > 0:
             stats = denoising_metrics(out[NOISE_PRED_KEY][step.mask], step.target[step.mask])
             for name, stat in stats.items():
                 metrics = evaluator.update(name, stat, metrics)
         return metrics
 
-    def _scored_metrics(self, out, view, evaluator, metrics, num_scored: int):
-        """fairchem's S2EF metrics of a DeNS step, on the free uncorrupted atoms of ``view``.
-        Structures with no such atom are left out of ``energy_forces_within_threshold`` (fairchem
-        takes a max over each structure's atoms); with none at all on this rank the atom-level
+    def _scored_metrics(self, out, batch, evaluator, metrics, num_scored: int):
+        """fairchem's S2EF metrics of a DeNS step: atom-level targets on the free uncorrupted
+        atoms; per-structure targets on every structure (the uncorrupted-structure targets on
+        the uncorrupted ones) with fairchem's free-atom counts, as on a plain step. Structures
+        with no scored atom are left out of ``energy_forces_within_threshold`` (fairchem takes
+        a max over each structure's atoms); with none at all on this rank the atom-level
         targets are not scored this step (fairchem cannot reshape an empty target)."""
+        step, view = self._dens_step, self._uncorrupted_view(batch, self._dens_step)
         free_atom_targets = {t for t in self.output_targets if self.output_targets[t]["level"] ==
                              "atom" and self.output_targets[t].get("eval_on_free_atoms", True)}
+        free_atoms = torch.zeros_like(batch.natoms).index_add_(
+            0, batch.batch, (batch.fixed == 0).to(batch.natoms.dtype))
+        structure_targets = {t for t, s in self.output_targets.items() if s["level"] == "system"}
         scored = ScoredStructuresEvaluator(
             evaluator, skip=free_atom_targets if num_scored == 0 else (),
-            structure_rows=dict.fromkeys(self._clean_only_metrics(),
-                                         ~self._dens_step.corrupted_structures))
+            structure_rows=dict.fromkeys(self._clean_only_metrics(), ~step.corrupted_structures),
+            structure_natoms=(structure_targets, free_atoms))
         if num_scored > 0:
             return super()._compute_metrics(out, view, scored, metrics)
         targets = self.output_targets
@@ -553,7 +559,6 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
                 view, scored, metrics)
         finally:
             self.output_targets = targets
-
 
     def _clean_only_metrics(self) -> set[str]:
         """Metric properties of the uncorrupted-structure targets: the targets themselves,

@@ -185,3 +185,31 @@ def test_conservative_esen_encoding_without_forces_names_the_key(mlearn_si_lmdb,
     trainer.step = 1
     with pytest.raises(DeNSConfigError, match="forces.*key_mapping"):
         trainer._forward(batch)
+
+
+def test_per_structure_metrics_of_a_dens_step_are_fairchems_over_every_structure(
+    mlearn_si_lmdb, tmp_path
+) -> None:
+    """Every structure of a DeNS step trains its original energy, so its energy metrics are
+    fairchem's over the whole batch: ``energy_per_atom_mae`` divides each structure's error by
+    its free atoms (as on a plain step), not by its uncorrupted ones (0 with r = 1: inf)."""
+    from fairchem.core.trainers import OCPTrainer
+
+    dens = {**DENS, "prob": 1.0, "corrupt_ratio": 1.0}
+    config = stress_config(mlearn_si_lmdb, tmp_path, "esen_efs", dens)
+    config["evaluation_metrics"]["metrics"]["energy"] = ["mae", "per_atom_mae"]
+    trainer = build_trainer(config)
+    batch = first_batch(trainer)
+    trainer.model.train()
+    trainer.step = 1
+    out = trainer._forward(batch)
+    assert trainer._dens_step.corrupted_structures.all()
+    dens_metrics = trainer._compute_metrics(out, batch, trainer.evaluator, {})
+    plain = OCPTrainer._compute_metrics(
+        trainer, {k: v for k, v in out.items() if k in trainer.output_targets}, batch,
+        trainer.evaluator, {})
+    for name in ("energy_mae", "energy_per_atom_mae"):
+        assert dens_metrics[name]["metric"] == pytest.approx(plain[name]["metric"], rel=1e-6)
+        assert dens_metrics[name]["numel"] == plain[name]["numel"] == batch.natoms.numel()
+    assert "stress_mae" not in dens_metrics  # no uncorrupted structure: stress not scored
+    assert "forces_mae" not in dens_metrics  # no uncorrupted atom: forces not scored
