@@ -145,6 +145,51 @@ def demo_lmdb(tmp_path_factory) -> Path:
     return out
 
 
+#: Records of mlearn Si's training file (indices) in the tiny stress subset: the eight
+#: surface slabs of 12-24 atoms and two 64-atom cells (an AIMD frame and a strained crystal)
+#: train, one more 24-atom slab and a 63-atom vacancy cell validate.
+MLEARN_SI_TRAIN = {"Surface": 8, "AIMD-NVT": 1, "Elastic": 1}
+MLEARN_SI_VAL = {"Surface": 1, "Vacancy": 1}
+
+
+def mlearn_si_subset_lmdb(out: Path) -> Path:
+    """A tiny real subset of mlearn Si (``MLEARN_SI_TRAIN`` / ``MLEARN_SI_VAL``, the smallest
+    cells of each group in file order) written with :mod:`fairchem_dens.data.mlearn` (stress in
+    eV/A^3, ASE/fairchem sign) and converted with ``stress=True`` into ``out``: train/val LMDBs
+    with ``stress`` [1, 3, 3], element references and normalisers fitted on train."""
+    import ase.io
+
+    from fairchem_dens.data import ConversionOptions, convert
+    from fairchem_dens.data.mlearn import read_mlearn
+
+    src = SHARED / "data" / "mlearn" / "Si" / "training.json.xz"
+    if not src.exists():
+        pytest.skip(f"shared data not available: {src} (set FAIRCHEM_DENS_SHARED)")
+    frames = read_mlearn(src)
+    order = sorted(range(len(frames)), key=lambda i: (len(frames[i]), i))  # small cells first
+    picked: dict[str, list[int]] = {"train": [], "val": []}
+    for split, wanted in (("train", MLEARN_SI_TRAIN), ("val", MLEARN_SI_VAL)):
+        for group, count in wanted.items():
+            chosen = [i for i in order if frames[i].info["mlearn_group"] == group
+                      and i not in picked["train"]][:count]
+            assert len(chosen) == count, (group, count)
+            picked[split] += chosen
+    raw = out / "extxyz"
+    raw.mkdir(parents=True)
+    for i in picked["train"] + picked["val"]:
+        ase.io.write(raw / f"Si_{i:05d}.extxyz", frames[i])
+    convert(ConversionOptions(inputs=[str(raw)], out_dir=out / "lmdb", overwrite=True,
+                              val_systems=tuple(picked["val"]), stress=True))
+    return out / "lmdb"
+
+
+@pytest.fixture(scope="session")
+def mlearn_si_lmdb(tmp_path_factory) -> Path:
+    """:func:`mlearn_si_subset_lmdb`, converted once per test session (10 training and 2
+    validation structures of mlearn Si with energy, forces and stress)."""
+    return mlearn_si_subset_lmdb(tmp_path_factory.mktemp("mlearn_si"))
+
+
 def demo_config(data_dir: Path, dens: dict | None, run_dir: Path, first_n: int | None = None,
                 model: str = "eqv2", **optim) -> dict:
     """The demo config of ``model`` (eqv2 or escn; plain when ``dens`` is None) as a dict with
