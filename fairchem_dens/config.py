@@ -90,7 +90,17 @@ class DeNSConfig:
         in the units of the data's stress target (``stress_key``; eV/Angstrom^3 as written by
         ``fairchem-dens convert``). ``None``: off.
     stress_key: name of the per-structure stress ``[B, 3, 3]`` in the training data, read by
-        ``max_stress``.
+        ``max_stress`` and by the stress data check (``max_plausible_stress``).
+    uncorrupted_structure_targets: per-structure loss targets that a corrupted structure does
+        not contribute: their labels belong to the unperturbed structure and, unlike the energy,
+        are not a target of the paper's DeNS loss (e.g. stress, a derivative over every atom of
+        the cell, see docs/esen.md). Their loss terms and training metrics are taken over the
+        batch's uncorrupted structures only. ``None`` (default): every ``loss_functions``
+        target whose name starts with ``stress`` (``stress``, or the decomposed
+        ``stress_isotropic`` / ``stress_anisotropic`` of fairchem's OMat configs); ``[]``: none.
+    max_plausible_stress: the stress data check: a training batch whose ``stress_key`` holds a
+        component larger in magnitude than this (eV/Angstrom^3; 5 eV/Angstrom^3 = 801 GPa) is
+        refused as a unit error (VASP's kBar or GPa instead of eV/Angstrom^3). ``None``: off.
     """
 
     prob: float = 0.5
@@ -117,6 +127,8 @@ class DeNSConfig:
     min_num_atoms: int | None = None
     max_stress: float | None = None
     stress_key: str = "stress"
+    uncorrupted_structure_targets: tuple[str, ...] | None = None
+    max_plausible_stress: float | None = 5.0
     _sigmas: tuple[float, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -219,6 +231,17 @@ class DeNSConfig:
                       "atoms are not corrupted), or null to switch the filter off")
         if not isinstance(self.stress_key, str) or not self.stress_key:
             raise bad("stress_key", "expected the name of the stress attribute, e.g. stress")
+        value = self.max_plausible_stress
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value <= 0):
+            raise bad("max_plausible_stress", "expected a positive number of eV/Angstrom^3 "
+                      "(the stress data check), or null to switch the check off")
+        targets = self.uncorrupted_structure_targets
+        if targets is not None:
+            if isinstance(targets, str) or not all(isinstance(t, str) and t for t in targets):
+                raise bad("uncorrupted_structure_targets", "expected a list of loss target "
+                          "names, e.g. [stress], or null for every stress target")
+            object.__setattr__(self, "uncorrupted_structure_targets", tuple(targets))
 
     @property
     def enabled(self) -> bool:

@@ -33,6 +33,9 @@ class Corruption:
     num_corrupted: number of corrupted atoms (host int, no device sync needed later).
     num_free_uncorrupted: number of free (``fixed == 0``) atoms left uncorrupted, the atoms the
         forces term is trained on (host int); 0 when every free atom of the batch is corrupted.
+    corrupted_structures: bool ``[B]``, structure has at least one corrupted atom (its
+        per-structure labels other than the energy, e.g. stress, belong to the unperturbed
+        structure; see ``optim.dens.uncorrupted_structure_targets``).
     skipped: structures each enabled filter of :mod:`fairchem_dens.filters` kept out of DeNS
         this step, ``{optim.dens key: host int}`` (a structure flagged by two filters counts in
         both); empty when no filter is on.
@@ -45,6 +48,7 @@ class Corruption:
     selected: torch.Tensor
     num_corrupted: int
     num_free_uncorrupted: int
+    corrupted_structures: torch.Tensor
     skipped: dict[str, int] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> Corruption:
@@ -56,6 +60,7 @@ class Corruption:
             self.selected.to(device),
             self.num_corrupted,
             self.num_free_uncorrupted,
+            self.corrupted_structures.to(device),
             dict(self.skipped),
         )
 
@@ -127,6 +132,8 @@ def sample_corruption(
     scale = cfg.target_scale
     divisor = torch.full_like(sigma_of_atom, scale) if scale is not None else sigma_of_atom
     target = torch.where(mask.unsqueeze(-1), noise / divisor.clamp_min(1e-12), torch.zeros(()))
+    corrupted_structures = torch.zeros(num_structures, dtype=torch.bool)
+    corrupted_structures[structure_of_atom[mask]] = True
     return Corruption(
         mask=mask,
         noise=noise.to(dtype),
@@ -135,4 +142,5 @@ def sample_corruption(
         selected=selected,
         num_corrupted=int(mask.sum()),
         num_free_uncorrupted=int((free & ~mask).sum()),
+        corrupted_structures=corrupted_structures,
     )

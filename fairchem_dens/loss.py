@@ -32,6 +32,28 @@ class ZeroSafeDDPLoss(DDPLoss):
         return loss * distutils.get_world_size() / global_samples
 
 
+class StructureSubsetLoss(torch.nn.Module):
+    """A per-structure loss term (fairchem's ``fn(pred, target, natoms)`` with ``[B, k]`` rows)
+    taken over the structures in ``keep`` only: the stress of a DeNS step, whose corrupted
+    structures have no stress label (``optim.dens.uncorrupted_structure_targets``).
+
+    ``fn`` is called exactly once per call, with the kept rows (possibly none), so a DDP mean
+    all-reduces its count in the same order on every rank.
+    """
+
+    def __init__(self, fn: torch.nn.Module, keep: torch.Tensor) -> None:
+        super().__init__()
+        self.fn = fn
+        self.keep = keep  # bool [B]
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor,
+                natoms: torch.Tensor) -> torch.Tensor:
+        if pred.shape[0] != self.keep.numel():
+            raise ValueError(f"a per-structure loss term has {pred.shape[0]} rows for "
+                             f"{self.keep.numel()} structures")
+        return self.fn(pred[self.keep], target[self.keep], natoms=natoms[self.keep])
+
+
 def shared_free_atom_loss(
     forces_pred: torch.Tensor,
     forces_target: torch.Tensor,
@@ -120,19 +142,23 @@ class ScoredStructuresEvaluator(Evaluator):
       not updated this step.
     * the properties in ``skip`` (atom-level targets when no atom at all is scored on this rank)
       are not evaluated: an empty set would give 0/0.
+    * the per-structure properties in ``structure_rows`` (stress of a DeNS step) are evaluated
+      on the structures where its mask ``[B]`` is true (not at all when none is).
 
     Every other metric is fairchem's, computed exactly as by ``evaluator``.
     """
 
-    def __init__(self, evaluator: Evaluator, skip: Collection[str] = ()) -> None:
+    def __init__(self, evaluator: Evaluator, skip: Collection[str] = (),
+                 structure_rows: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__(evaluator.task, evaluator.target_metrics)
         self.skip = set(skip)
+        self.structure_rows = dict(structure_rows or {})
 
     def _subset(self, keep_threshold: bool) -> dict[str, list[str]]:
         subset = {}
         for prop, fns in self.target_metrics.items():
             kept = [fn for fn in fns if (fn == THRESHOLD_METRIC) == keep_threshold]
-            if kept and prop not in self.skip:
+            if kept and prop not in self.skip and prop not in self.structure_rows:
                 subset[prop] = kept
         return subset
 
@@ -141,6 +167,12 @@ class ScoredStructuresEvaluator(Evaluator):
         others = self._subset(keep_threshold=False)
         if others:
             metrics = Evaluator(self.task, others).eval(prediction, target, metrics)
+        for prop, rows in self.structure_rows.items():
+            fns = [fn for fn in self.target_metrics.get(prop, []) if fn != THRESHOLD_METRIC]
+            if fns and prop in prediction and bool(rows.any()):
+                kept = ({prop: d[prop][rows], "natoms": d["natoms"][rows]}
+                        for d in (prediction, target))
+                metrics = Evaluator(self.task, {prop: fns}).eval(*kept, metrics)
         threshold = self._subset(keep_threshold=True)
         scored = target["natoms"] > 0
         if not threshold or self.skip or not bool(scored.any()):

@@ -17,8 +17,10 @@ checkpointing, validation and prediction are fairchem's own (with exact resume f
   ``coefficient * L_DeNS`` on corrupted atoms. Total::
 
       lambda_E L_E(all structures) + lambda_F L_F(uncorrupted free atoms)
-          + lambda_DeNS L_DeNS(corrupted atoms)
+          + lambda_S L_S(uncorrupted structures) + lambda_DeNS L_DeNS(corrupted atoms)
 
+  with L_S the terms of ``optim.dens.uncorrupted_structure_targets`` (default: the stress
+  targets; a corrupted structure's stress label belongs to the unperturbed cell),
   each term reduced once, over all ranks, by fairchem's ``DDPLoss`` rule (sum / global count)
   (``reduction: per_term``); with ``reduction: shared_free_atoms`` the forces and DeNS terms
   share one denominator, the batch's free atoms (the authors' OC20/OC22 trainer, see
@@ -38,6 +40,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import re
 from typing import Any
 
 import torch
@@ -61,6 +64,7 @@ from fairchem_dens.filters import filter_flags, skipped_metric
 from fairchem_dens.finetune import prepare_dens_checkpoint
 from fairchem_dens.loss import (
     ScoredStructuresEvaluator,
+    StructureSubsetLoss,
     ZeroSafeDDPLoss,
     denoising_metrics,
     shared_free_atom_loss,
@@ -94,6 +98,7 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
         self._training_step = False
         self._noise_head: str | None = None
         self._dens_params: list[torch.nn.Parameter] = []
+        self._clean_only: tuple[str, ...] = ()
         if not kwargs.get("inference_only", False):
             _check_hydra_model(kwargs.get("model", {}))
             if self.dens.enabled and (kwargs.get("gp_gpus") or gp_utils.initialized()):
@@ -156,14 +161,7 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
                 f"atoms this changes nothing). Set outputs.{key}.train_on_free_atoms: true."
             )
         self._check_normalizers()
-        stress_terms = [t for t, _ in self.loss_functions if "stress" in t]
-        if dens.enabled and stress_terms:
-            raise DeNSConfigError(
-                f"loss_functions has stress term(s) {stress_terms}, which DeNS does not handle yet: "
-                "a corrupted structure's stress label belongs to the original structure, and "
-                "this trainer would train the noisy structure's stress against it (see "
-                "docs/esen.md). Remove the stress terms from loss_functions, or set "
-                f"optim.dens.prob: 0 (plain training; now {dens.prob}).")
+        self._clean_only = self._uncorrupted_structure_targets()
         model = self._unwrapped_model
         heads = noise_head_names(model)
         if dens.enabled and len(heads) != 1:
@@ -193,6 +191,32 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
             f"DeNS: {dens}; noise head '{self._noise_head}', "
             f"{sum(p.numel() for p in self._dens_params)} DeNS-only parameters"
         )
+
+    def _uncorrupted_structure_targets(self) -> tuple[str, ...]:
+        """The loss targets a corrupted structure does not contribute
+        (``optim.dens.uncorrupted_structure_targets``; default: the stress targets), checked:
+        each is a per-structure ``loss_functions`` target other than the energy's reference."""
+        dens = self.dens
+        losses = [t for t, _ in self.loss_functions]
+        targets = dens.uncorrupted_structure_targets
+        if targets is None:
+            return tuple(t for t in losses if t.startswith("stress"))
+        for target in targets:
+            if target not in losses:
+                raise DeNSConfigError(
+                    f"optim.dens.uncorrupted_structure_targets lists {target!r}, which is not a "
+                    f"loss_functions target ({losses}): remove it, or add its loss term")
+            if self.output_targets[target]["level"] != "system":
+                raise DeNSConfigError(
+                    f"optim.dens.uncorrupted_structure_targets lists {target!r}, a per-atom "
+                    "target: only per-structure targets (e.g. stress) can be left out per "
+                    "structure; the forces of corrupted atoms are already left out. Remove it.")
+            if target in self.elementrefs:
+                raise DeNSConfigError(
+                    f"optim.dens.uncorrupted_structure_targets lists {target!r}, which has "
+                    "element references (an energy-like target, which DeNS trains on the "
+                    "original structure): remove it from the list")
+        return tuple(targets)
 
     def _check_normalizers(self) -> None:
         """A normaliser with rmsd ~0 (energy references fitted on no more compositions than
@@ -240,8 +264,10 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
     def _forward(self, batch):
         self._training_step = self.dens is not None and self._unwrapped_model.training
         self._dens_step = None
+        if self._training_step:
+            self._check_stress_data(batch)
         if not (self._training_step and self.dens.enabled):
-            return super()._forward(batch)
+            return self._model_forward(batch)
 
         if self.dens.positions_key is not None:
             batch.pos = self._equilibrium_positions(batch)
@@ -249,20 +275,62 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
         batch = batch.to(self.device)  # in place, as fairchem's _forward does
         self._dens_step = step.to(self.device)
         if step.num_corrupted == 0:
-            return super()._forward(batch)
+            return self._model_forward(batch)
 
         captured: dict[str, Any] = {}
         hook = self._unwrapped_model.register_forward_hook(
             lambda _module, _args, output: captured.update(output)
         )
         try:
-            out = super()._forward(self._corrupted_copy(batch, self._dens_step))
+            out = self._model_forward(self._corrupted_copy(batch, self._dens_step))
         finally:
             hook.remove()
         model = self._unwrapped_model
         head_out = captured if model.pass_through_head_outputs else captured[self._noise_head]
         out[NOISE_PRED_KEY] = head_out[model.output_heads[self._noise_head].output_name]
         return out
+
+    def _model_forward(self, batch):
+        """fairchem's ``_forward``, with its error for a target the model does not output
+        (e.g. a stress target on a model without a stress head) naming the fix."""
+        try:
+            return super()._forward(batch)
+        except AttributeError as error:
+            found = re.search(r"Output target: '(.+?)', not found in model outputs: (\[.*?\])",
+                              str(error))
+            if found is None:
+                raise
+            target, available = found.groups()
+            raise DeNSConfigError(
+                f"outputs.{target} is a target, but the model has no {target!r} output (it "
+                f"outputs {available}). Add a head that predicts it — for stress: EquiformerV2 "
+                "with rank2_symmetric_head and outputs.stress.decomposition as in fairchem's "
+                "OMat24 configs (see configs/mlearn/), eSEN with esen_mlp_efs_head and "
+                f"backbone regress_stress: true — or remove {target!r} from outputs, "
+                "loss_functions and evaluation_metrics.") from error
+
+    def _check_stress_data(self, batch) -> None:
+        """The training batch's stress (``optim.dens.stress_key``), when it is a target: one
+        3x3 tensor per structure, in eV/Angstrom^3 (``optim.dens.max_plausible_stress``)."""
+        key, bound = self.dens.stress_key, self.dens.max_plausible_stress
+        if key not in self.output_targets or key not in batch:
+            return
+        stress, num = batch[key], batch.natoms.numel()
+        if stress.numel() != 9 * num:
+            raise DeNSConfigError(
+                f"the training data's '{key}' has shape {tuple(stress.shape)} for {num} "
+                f"structures; outputs.{key} needs one 3x3 stress per structure ([B, 3, 3], as "
+                "fairchem-dens convert --stress writes it). Fix the data, or name the stress "
+                "attribute with optim.dens.stress_key.")
+        largest = float(stress.detach().abs().max()) if stress.numel() else 0.0
+        if bound is not None and largest > bound:
+            raise DeNSConfigError(
+                f"the training data's '{key}' reaches |{largest:.4g}| > "
+                f"optim.dens.max_plausible_stress={bound} eV/Angstrom^3 "
+                f"({bound * 160.21766:.0f} GPa): stress must be in eV/Angstrom^3 (the units of "
+                "energy / volume). kBar (VASP) or GPa values look like this: reconvert with "
+                "fairchem-dens convert --stress --stress-unit kbar|gpa. If the stresses are "
+                "real, raise max_plausible_stress (or set it to null).")
 
     def _equilibrium_positions(self, batch) -> torch.Tensor:
         key = self.dens.positions_key
@@ -343,6 +411,21 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
         if not self._training_step:
             return super()._compute_loss(out, batch)
         step = self._dens_step
+        if not self._clean_only or step is None or step.num_corrupted == 0:
+            return self._dens_loss(out, batch, step)
+        # the uncorrupted-structure targets (stress) over the uncorrupted structures only; the
+        # terms keep their order, so DDP all-reduces match across ranks
+        all_terms, keep = self.loss_functions, ~step.corrupted_structures
+        self.loss_functions = [
+            (t, {**info, "fn": StructureSubsetLoss(info["fn"], keep)} if t in self._clean_only
+             else info) for t, info in all_terms]
+        try:
+            return self._dens_loss(out, batch, step)
+        finally:
+            self.loss_functions = all_terms
+
+    def _dens_loss(self, out, batch, step: Corruption | None) -> torch.Tensor:
+        """The loss of a training step (see the module docstring)."""
         shared = self.dens.reduction == "shared_free_atoms"
         if self.dens.pretrain or shared:
             loss = self._label_loss(out, batch)  # every term but the forces
@@ -457,7 +540,9 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
         free_atom_targets = {t for t in self.output_targets if self.output_targets[t]["level"] ==
                              "atom" and self.output_targets[t].get("eval_on_free_atoms", True)}
         scored = ScoredStructuresEvaluator(
-            evaluator, skip=free_atom_targets if num_scored == 0 else ())
+            evaluator, skip=free_atom_targets if num_scored == 0 else (),
+            structure_rows=dict.fromkeys(self._clean_only_metrics(),
+                                         ~self._dens_step.corrupted_structures))
         if num_scored > 0:
             return super()._compute_metrics(out, view, scored, metrics)
         targets = self.output_targets
@@ -468,6 +553,18 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
                 view, scored, metrics)
         finally:
             self.output_targets = targets
+
+
+    def _clean_only_metrics(self) -> set[str]:
+        """Metric properties of the uncorrupted-structure targets: the targets themselves,
+        and the full tensor of a decomposed one (``stress`` of ``stress_isotropic``) or its
+        parts."""
+        names = set(self._clean_only)
+        for target, spec in self.output_targets.items():
+            parts = set(spec.get("decomposition") or ())
+            if parts & names or (target in names and parts):
+                names |= {target, *parts}
+        return names
 
 
 def _check_hydra_model(model: dict) -> None:

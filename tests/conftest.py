@@ -145,18 +145,17 @@ def demo_lmdb(tmp_path_factory) -> Path:
     return out
 
 
-#: Records of mlearn Si's training file (indices) in the tiny stress subset: the eight
-#: surface slabs of 12-24 atoms and two 64-atom cells (an AIMD frame and a strained crystal)
-#: train, one more 24-atom slab and a 63-atom vacancy cell validate.
-MLEARN_SI_TRAIN = {"Surface": 8, "AIMD-NVT": 1, "Elastic": 1}
-MLEARN_SI_VAL = {"Surface": 1, "Vacancy": 1}
+#: the mlearn Si training cells (Zuo et al. 2020, DFT energies, forces, virial stress) with at
+#: most this many atoms: 10 cells of 12-36 atoms (bulk, surfaces, strained), a fast real
+#: periodic set with stress
+MLEARN_SI_MAX_ATOMS = 36
 
 
-def mlearn_si_subset_lmdb(out: Path) -> Path:
-    """A tiny real subset of mlearn Si (``MLEARN_SI_TRAIN`` / ``MLEARN_SI_VAL``, the smallest
-    cells of each group in file order) written with :mod:`fairchem_dens.data.mlearn` (stress in
-    eV/A^3, ASE/fairchem sign) and converted with ``stress=True`` into ``out``: train/val LMDBs
-    with ``stress`` [1, 3, 3], element references and normalisers fitted on train."""
+@pytest.fixture(scope="session")
+def mlearn_si_lmdb(tmp_path_factory) -> Path:
+    """Real mlearn Si with stress, converted to fairchem LMDBs as a user would
+    (``fairchem-dens convert --stress``: ``stress`` [1, 3, 3] eV/Å^3, fairchem's sign): the
+    training cells of at most :data:`MLEARN_SI_MAX_ATOMS` atoms, 2 of them validating."""
     import ase.io
 
     from fairchem_dens.data import ConversionOptions, convert
@@ -164,30 +163,15 @@ def mlearn_si_subset_lmdb(out: Path) -> Path:
 
     src = SHARED / "data" / "mlearn" / "Si" / "training.json.xz"
     if not src.exists():
-        pytest.skip(f"shared data not available: {src} (set FAIRCHEM_DENS_SHARED)")
-    frames = read_mlearn(src)
-    order = sorted(range(len(frames)), key=lambda i: (len(frames[i]), i))  # small cells first
-    picked: dict[str, list[int]] = {"train": [], "val": []}
-    for split, wanted in (("train", MLEARN_SI_TRAIN), ("val", MLEARN_SI_VAL)):
-        for group, count in wanted.items():
-            chosen = [i for i in order if frames[i].info["mlearn_group"] == group
-                      and i not in picked["train"]][:count]
-            assert len(chosen) == count, (group, count)
-            picked[split] += chosen
-    raw = out / "extxyz"
-    raw.mkdir(parents=True)
-    for i in picked["train"] + picked["val"]:
-        ase.io.write(raw / f"Si_{i:05d}.extxyz", frames[i])
-    convert(ConversionOptions(inputs=[str(raw)], out_dir=out / "lmdb", overwrite=True,
-                              val_systems=tuple(picked["val"]), stress=True))
-    return out / "lmdb"
-
-
-@pytest.fixture(scope="session")
-def mlearn_si_lmdb(tmp_path_factory) -> Path:
-    """:func:`mlearn_si_subset_lmdb`, converted once per test session (10 training and 2
-    validation structures of mlearn Si with energy, forces and stress)."""
-    return mlearn_si_subset_lmdb(tmp_path_factory.mktemp("mlearn_si"))
+        pytest.skip(f"shared mlearn data not found at {src}")
+    raw = tmp_path_factory.mktemp("mlearn_si_raw")
+    small = [a for a in read_mlearn(src) if len(a) <= MLEARN_SI_MAX_ATOMS]
+    for sid, atoms in enumerate(small):
+        ase.io.write(raw / f"Si_{sid:05d}.extxyz", atoms)
+    out = tmp_path_factory.mktemp("mlearn_si_lmdb")
+    convert(ConversionOptions(inputs=[str(raw)], out_dir=out, overwrite=True,
+                              val_systems=(0, len(small) - 1), stress=True))
+    return out
 
 
 def demo_config(data_dir: Path, dens: dict | None, run_dir: Path, first_n: int | None = None,

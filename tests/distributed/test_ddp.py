@@ -58,10 +58,29 @@ def _shared_check(rank: int) -> torch.Tensor:
     return shared_free_atom_loss(*part, forces_coefficient=100.0, dens_coefficient=10.0)
 
 
+# structures whose stress is trained (uncorrupted), per rank: rank 1's are all corrupted
+STRESS_KEPT = ((True, False, True), (False, False))
+
+
+def _stress_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    n = sum(len(k) for k in STRESS_KEPT)
+    return torch.randn(n, 9, generator=g), torch.randn(n, 9, generator=g)
+
+
+def _stress_check(rank: int) -> torch.Tensor:
+    from fairchem_dens.loss import StructureSubsetLoss, ZeroSafeDDPLoss
+
+    lo, n = sum(len(k) for k in STRESS_KEPT[:rank]), len(STRESS_KEPT[rank])
+    pred, target = (x[lo:lo + n] for x in _stress_inputs())
+    loss = StructureSubsetLoss(ZeroSafeDDPLoss("mae", "mean"), torch.tensor(STRESS_KEPT[rank]))
+    return loss(pred, target, natoms=torch.full((n,), 8))
+
+
 def _loss_checks(rank: int) -> dict:
     from fairchem_dens.loss import ZeroSafeDDPLoss
 
-    results = {"shared": _shared_check(rank)}
+    results = {"shared": _shared_check(rank), "stress": _stress_check(rank)}
     for case, counts in COUNTS.items():
         pred_all, target_all = _all_atoms(counts)
         lo = sum(counts[:rank])
@@ -109,6 +128,19 @@ def test_shared_free_atom_loss_divides_by_the_global_free_atom_count(ddp_run) ->
     ranks = [r["loss_checks"]["shared"] for r in ddp_run]
     assert torch.allclose(sum(ranks) / WORLD, single)
     assert not torch.allclose(ranks[0], ranks[1])
+
+
+@pytest.mark.timeout(180)
+def test_stress_of_uncorrupted_structures_is_a_global_mean(ddp_run) -> None:
+    """A DeNS step's stress term over two ranks, one with every structure corrupted: the mean
+    of the ranks' losses is the single-process mean over the kept structures' components."""
+    pred, target = _stress_inputs()
+    kept = torch.tensor([k for rank in STRESS_KEPT for k in rank])
+    single = (pred[kept] - target[kept]).abs().mean()
+    ranks = [r["loss_checks"]["stress"] for r in ddp_run]
+    assert ranks[1].item() == 0.0
+    assert torch.allclose(sum(ranks) / WORLD, single)
+    assert not torch.allclose(single, (pred - target).abs().mean())
 
 
 def _worker(rank: int, init_file: str, lmdb: str, run_dir: str) -> None:

@@ -203,13 +203,3 @@ def test_resume_through_load_checkpoint_logs_the_change(demo_lmdb, tmp_path, cap
     with caplog.at_level(logging.WARNING):
         second.load_checkpoint(str(path))
     assert "optim.dens.std changed since the checkpoint: 0.05 -> 0.2" in caplog.text
-
-
-def test_stress_targets_with_dens_are_refused_until_handled(demo_lmdb, tmp_path) -> None:
-    """A corrupted structure's stress label belongs to the original structure: until the trainer
-    leaves it out per structure, a stress term with DeNS is refused, not trained silently."""
-    config = demo_config(demo_lmdb, ALL_FREE, tmp_path, first_n=8)
-    config["outputs"]["stress"] = {"level": "system", "shape": 9}
-    config["loss_functions"].append({"stress": {"fn": "mae", "coefficient": 1}})
-    with pytest.raises(DeNSConfigError, match=r"stress term\(s\) \['stress'\]"):
-        build_trainer(config)
