@@ -21,7 +21,7 @@ from tests.conftest import REPO
 
 CONFIGS = REPO / "configs" / "mlearn"
 EPOCHS = 2
-SMALL = [  # the subset's 10 training structures, 3 steps of 4 per epoch; val on its 2
+SMALL = [  # the fixture's 8 training cells: 2 steps of 4 per epoch; val on its 2 cells
     f"--optim.max_epochs={EPOCHS}",
     "--optim.scheduler_params.warmup_epochs=1",
     "--print_every=1",
@@ -59,7 +59,7 @@ def test_mlearn_config_trains_with_its_stress_terms(family: str, kind: str, mlea
     config = CONFIGS / f"{family}{'_dens' if kind == 'dens' else ''}_cpu.yml"
     log = train(config, mlearn_si_lmdb, tmp_path)
     steps = train_lines(log)
-    assert len(steps) == EPOCHS * 3
+    assert len(steps) == EPOCHS * 2
     evaluations = parse_val_metrics(log)
     assert len(evaluations) == EPOCHS
     for metrics in (*steps, *evaluations):
@@ -71,6 +71,13 @@ def test_mlearn_config_trains_with_its_stress_terms(family: str, kind: str, mlea
     if kind == "dens":
         assert "denoising_noise_mae" in log  # some atoms were corrupted and denoised
         assert all("denoising_noise_mae" not in m for m in evaluations)  # clean validation
+    if family == "esen":  # one scale for the energy and its gradients: the force RMS
+        (saved,) = tmp_path.glob("checkpoints/*/normalizers.pt")
+        normalizers = torch.load(saved, map_location="cpu", weights_only=False)
+        force_rms = float(np.load(mlearn_si_lmdb / "forces_normalizer.npz")["rmsd"])
+        for target in ("energy", "forces", "stress"):
+            assert float(normalizers[target].mean) == 0.0
+            np.testing.assert_allclose(float(normalizers[target].rmsd), force_rms, rtol=1e-6)
     (checkpoint,) = tmp_path.glob("checkpoints/*/checkpoint.pt")
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     ours = state["config"]["trainer"] == "fairchem_dens.trainer.DenoisingForcesTrainer"
@@ -92,8 +99,10 @@ def test_eqv2_stress_normalisers_are_fitted_on_the_training_stresses(mlearn_si_l
     del data
     isotropic = torch.diagonal(stress, dim1=1, dim2=2).sum(1) / math.sqrt(3)  # eV/A^3
     fitted = normalizers["stress_isotropic"]
-    np.testing.assert_allclose(float(fitted["mean"]), float(isotropic.mean()), rtol=1e-4)
-    np.testing.assert_allclose(float(fitted["rmsd"]), float(isotropic.std()), rtol=1e-4)
-    assert normalizers["stress_anisotropic"]["rmsd"].numel() == 1
-    forces = torch.load(saved, map_location="cpu", weights_only=False)["forces"]
-    np.testing.assert_allclose(float(forces["mean"]), 0.0)  # the converter's file, unchanged
+    np.testing.assert_allclose(float(fitted.mean), float(isotropic.mean()), rtol=1e-4)
+    np.testing.assert_allclose(float(fitted.rmsd), float(isotropic.std()), rtol=1e-4)
+    assert 0 < float(normalizers["stress_anisotropic"].rmsd) < 0.1  # eV/A^3
+    forces = normalizers["forces"]  # the converter's file, unchanged
+    converted = np.load(mlearn_si_lmdb / "forces_normalizer.npz")
+    assert float(forces.mean) == 0.0
+    np.testing.assert_allclose(float(forces.rmsd), float(converted["rmsd"]), rtol=1e-6)
