@@ -1,6 +1,7 @@
 """The paper / official-release configs (docs/configs.md): each full-size model has the paper's
 parameter count, the DeNS settings are the ones its comments cite, and each config, scaled down
-(1 block, small channels, lmax 2) on real OC20 frames, trains one step with a finite loss."""
+(1 block, small channels, lmax 2) on real OC20 frames (eSEN MPtrj: real mlearn Si with stress),
+trains one step with a finite loss."""
 
 from __future__ import annotations
 
