@@ -239,11 +239,6 @@ def scaled_config(rel: str, data_dir: Path, run_dir: Path) -> dict:
     return config
 
 
-#: training metric left out of the finiteness check until the trainer counts every atom for it
-#: (test_per_atom_energy_metric_of_a_dens_step_divides_by_every_atom)
-PER_ATOM_ENERGY_BUG = {"energy_per_atom_mae"}
-
-
 def dens_step(trainer, batch) -> int:
     """First step whose DeNS draw corrupts some atom of ``batch`` (deterministic)."""
     for step in range(1, 200):
@@ -287,14 +282,11 @@ def test_scaled_config_trains_one_step(rel: str, oc20_md_lmdb, molecule_lmdb, ml
         loss = trainer._compute_loss(out, fresh)
         metrics = trainer._compute_metrics(out, fresh, trainer.evaluator, metrics)
         assert math.isfinite(loss.item())
-        assert all(math.isfinite(m["metric"]) for k, m in metrics.items()
-                   if k not in PER_ATOM_ENERGY_BUG), {
+        assert all(math.isfinite(m["metric"]) for m in metrics.values()), {
             k: m for k, m in metrics.items() if not math.isfinite(m["metric"])}
         trainer._backward(loss)
 
 
-@pytest.mark.xfail(strict=True, reason="trainer: the per-atom energy metric of a DeNS step divides "
-                   "by the uncorrupted free atoms (inf for a fully corrupted structure)")
 def test_per_atom_energy_metric_of_a_dens_step_divides_by_every_atom(mlearn_si_lmdb,
                                                                      tmp_path) -> None:
     """Every structure of a DeNS step trains its original energy, so its training energy
