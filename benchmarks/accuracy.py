@@ -15,6 +15,7 @@ Suites::
     python benchmarks/accuracy.py --suite regime  # MD17, 200 training frames, 40 epochs
     python benchmarks/accuracy.py --suite faithful  # the authors' MD17 recipe, to the plateau
     python benchmarks/accuracy.py --suite mlearn    # mlearn Si and Mo (bulk), to the plateau
+    python benchmarks/accuracy.py --suite mlearn_stress  # + stress: EquiformerV2 and eSEN
     python benchmarks/accuracy.py --suite mlearn --smoke  # any suite shrunk to one tiny run each
 
 Full suite: OC20 trajectories split by system (benchmarks/datasets.py), plain vs DeNS with 3
@@ -30,6 +31,13 @@ fixed item (force RMS normaliser, constant lambda, MAE loss, the OC shared denom
 with the plain run it is compared with. ``mlearn``: Si and Mo (periodic bulk; test split
 evaluated after training), 3 seeds. Both report whether the plain model's validation force MAE
 has plateaued (:func:`plateau`), the plain model's training force MAE and the zero-force floor.
+
+``mlearn_stress`` (issue 17): mlearn Si and Mo converted with stress, trained on energy, forces
+and stress with the configs of ``configs/mlearn``: EquiformerV2 (stress from fairchem's
+decomposed rank-2 head) and the conservative eSEN (forces and stress as gradients), each plain
+vs DeNS (the MD17 recipe; a corrupted structure trains no stress), 3 seeds, to the plateau of
+each plain model; the stress MAE (validation and the mlearn test split, GPa) stands next to the
+force MAE, with the zero-stress floor.
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ from runner import (
 
 DEMO_CONFIGS = REPO / "configs" / "oc20" / "s2ef" / "demo"
 BENCH_CONFIGS = REPO / "benchmarks" / "configs"
+MLEARN_CONFIGS = REPO / "configs" / "mlearn"
 CONFIGS = {  # (dataset, plain|dens) -> config
     ("oc20", "plain"): DEMO_CONFIGS / "eqv2_cpu.yml",
     ("oc20", "dens"): DEMO_CONFIGS / "eqv2_dens_cpu.yml",
@@ -67,9 +76,13 @@ CONFIGS = {  # (dataset, plain|dens) -> config
        for name in ("md17_sigma_e", "md17_sigma_e_200") for kind in ("plain", "dens")},
     **{(name, kind): BENCH_CONFIGS / f"mlearn_eqv2{'_dens' if kind == 'dens' else ''}_cpu.yml"
        for name in ("mlearn_si", "mlearn_mo") for kind in ("plain", "dens")},
+    **{(name, kind): MLEARN_CONFIGS / f"eqv2{'_dens' if kind == 'dens' else ''}_cpu.yml"
+       for name in ("mlearn_si_stress", "mlearn_mo_stress") for kind in ("plain", "dens")},
 }
 BATCH_SIZE = {"oc20": 4, "md17": 8, "md17_sigma_e": 8, "md17_sigma_e_200": 8, "mlearn_si": 4,
-              "mlearn_mo": 4}
+              "mlearn_mo": 4, "mlearn_si_stress": 4, "mlearn_mo_stress": 4}
+#: 1 eV/A^3 in GPa: stress MAEs are reported in GPa (fairchem logs eV/A^3)
+EV_PER_A3_IN_GPA = 160.21766208
 #: Published mlearn test force MAEs (eV/A) of Zuo et al., J. Phys. Chem. A 124, 731 (2020), for
 #: context. TODO: not filled in — the numbers were not available to check here; copy them from
 #: the paper's force-MAE table (GAP, MTP, NNP, SNAP) rather than from memory.
@@ -77,6 +90,8 @@ MLEARN_PUBLISHED_FORCE_MAE: dict[str, dict[str, float | None]] = {
     "mlearn_si": {"GAP": None, "MTP": None, "NNP": None, "SNAP": None},
     "mlearn_mo": {"GAP": None, "MTP": None, "NNP": None, "SNAP": None},
 }
+MLEARN_PUBLISHED_FORCE_MAE["mlearn_si_stress"] = MLEARN_PUBLISHED_FORCE_MAE["mlearn_si"]
+MLEARN_PUBLISHED_FORCE_MAE["mlearn_mo_stress"] = MLEARN_PUBLISHED_FORCE_MAE["mlearn_mo"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +125,14 @@ OC20_ABLATIONS = (
                                     "normalize_by": "std_high"},
             "multi-scale sigma 0.01-0.1 A, target eps/sigma_high (official code)"),
     Variant("per_batch", {"selection": "batch"}, "one DeNS coin per batch (official code)"),
+)
+# mlearn_stress: the conservative eSEN pair next to the EquiformerV2 pair (PLAIN, DENS), run
+# with every seed (Suite.ablation_seeds).
+ESEN_STRESS = (
+    Variant("esen_plain", None, "fairchem's conservative eSEN (gradient forces and stress)",
+            config=MLEARN_CONFIGS / "esen_cpu.yml"),
+    Variant("esen_dens", {}, "conservative eSEN + DeNS", config=MLEARN_CONFIGS / "esen_dens_cpu.yml",
+            baseline="esen_plain"),
 )
 # The authors' MD17 recipe with one of issue 14's fixes undone (each next to its own baseline).
 FAITHFUL_ABLATIONS = (
@@ -162,6 +185,15 @@ SUITES = {
     "mlearn": Suite("mlearn", {"mlearn_si": 100, "mlearn_mo": 100}, (0, 1, 2),
                     {"mlearn_si": (PLAIN, DENS), "mlearn_mo": (PLAIN, DENS)},
                     evals_per_epoch={"mlearn_si": 0.5, "mlearn_mo": 0.5}),
+    # issue 17: energy + forces + stress (configs/mlearn); the eSEN pair as seeded "ablations"
+    # (every seed). 100 epochs as the mlearn suite, a first guess: the summary says whether
+    # each plain model plateaued, else rerun with --epochs NAME=N.
+    "mlearn_stress": Suite("mlearn_stress", {"mlearn_si_stress": 100, "mlearn_mo_stress": 100},
+                           (0, 1, 2),
+                           {"mlearn_si_stress": (PLAIN, DENS), "mlearn_mo_stress": (PLAIN, DENS)},
+                           {"mlearn_si_stress": ESEN_STRESS, "mlearn_mo_stress": ESEN_STRESS},
+                           evals_per_epoch={"mlearn_si_stress": 0.5, "mlearn_mo_stress": 0.5},
+                           ablation_seeds=(0, 1, 2)),
 }
 
 
@@ -213,12 +245,13 @@ def plan(suite: Suite, out: Path) -> tuple[list[Run], dict[str, datasets.Dataset
                  for s in (suite.ablation_seeds or suite.seeds[:1])]
         for variant, seed in jobs:
             variant_ds = other[variant.data] if variant.data else ds
+            config = variant.config or CONFIGS[name, variant.kind]
             runs.append(Run(
                 name=f"{name}/{variant.name}/seed{seed}",
-                config=variant.config or CONFIGS[name, variant.kind],
+                config=config,
                 out=out / name / variant.name / f"seed{seed}",
                 seed=seed,
-                overrides=[*variant_ds.overrides(), f"--optim.max_epochs={suite.epochs[name]}",
+                overrides=[*variant_ds.overrides(config), f"--optim.max_epochs={suite.epochs[name]}",
                            f"--optim.batch_size={BATCH_SIZE[name]}", "--optim.ema_decay=0.99",
                            *extra,
                            *variant.overrides()],
@@ -233,13 +266,21 @@ def _spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
+def _gpa(values: list[float]) -> list[float]:
+    return [v * EV_PER_A3_IN_GPA for v in values]
+
+
 def summarise(suite: Suite, results: dict[str, Result],
               floors: dict[str, float] | None = None,
-              extras: dict[str, dict[str, float]] | None = None) -> tuple[str, dict]:
+              extras: dict[str, dict[str, float]] | None = None,
+              stress_floors: dict[str, float | None] | None = None) -> tuple[str, dict]:
     """Markdown table and a JSON-able summary: final validation metrics per variant, the force
     MAE ratio to the variant's baseline (plain) paired by seed (same initial weights and data
-    order), whether each plain run plateaued (:func:`plateau`), and per run ``extras``
-    (``train_forces_mae`` from the log, ``test_forces_mae`` for datasets with a test split)."""
+    order), whether each plain run plateaued (:func:`plateau`; every plain variant of the
+    dataset), and per run ``extras`` (``train_forces_mae`` from the log, ``test_forces_mae`` and
+    ``test_stress_mae`` for datasets with a test split). Datasets whose runs log ``stress_mae``
+    (eV/A^3) get validation and test stress MAE columns in GPa next to the force MAE, the
+    zero-stress floor (``stress_floors``, eV/A^3) and ``stress_mae`` (eV/A^3) in the JSON."""
     lines, summary, extras = [], {}, extras or {}
     for dataset in suite.epochs:
         variants = [*suite.variants[dataset], *suite.ablations.get(dataset, ())]
@@ -247,29 +288,38 @@ def summarise(suite: Suite, results: dict[str, Result],
                   for v in variants for s in suite.seeds if f"{dataset}/{v.name}/seed{s}" in results}
         if not any(name == "plain" for name, _ in finals):
             continue
+        stress = any("stress_mae" in final for final in finals.values())
         steps = next(r for n, r in results.items() if n.startswith(f"{dataset}/")).steps[-1]
         floor = (floors or {}).get(dataset)
         floor_text = f"; predicting zero forces gives {floor:.4f} eV/Å" if floor else ""
+        stress_floor = (stress_floors or {}).get(dataset)
+        if stress and stress_floor:
+            floor_text += f", zero stress {stress_floor * EV_PER_A3_IN_GPA:.3f} GPa"
         lines += [f"\n**{dataset}** ({suite.epochs[dataset]} epochs, {steps} steps"
                   f"{floor_text})\n"]
-        flags = {}
-        for s in suite.seeds:
-            run = results.get(f"{dataset}/plain/seed{s}")
-            if run is not None:
-                flags[s] = plateau([m["forces_mae"] for m in run.curve])
-        if flags:
-            lines.append("Plain plateau (best val force MAE of the last quarter of evaluations "
-                         "improves < 1 % on the best before): " + ", ".join(
-                             f"seed {s} {'yes' if ok else 'NO'} ({gain:+.1%})"
-                             for s, (ok, gain) in flags.items()) + "\n")
+        flags_of = {}
+        for v in (v for v in variants if v.kind == "plain"):
+            flags = {}
+            for s in suite.seeds:
+                run = results.get(f"{dataset}/{v.name}/seed{s}")
+                if run is not None:
+                    flags[s] = plateau([m["forces_mae"] for m in run.curve])
+            if flags:
+                flags_of[v.name] = flags
+                label = "Plain" if v.name == "plain" else v.name
+                lines.append(f"{label} plateau (best val force MAE of the last quarter of "
+                             "evaluations improves < 1 % on the best before): " + ", ".join(
+                                 f"seed {s} {'yes' if ok else 'NO'} ({gain:+.1%})"
+                                 for s, (ok, gain) in flags.items()) + "\n")
         published = MLEARN_PUBLISHED_FORCE_MAE.get(dataset)
         if published:
             lines.append("Published test force MAE (Zuo et al. 2020, eV/Å): " + ", ".join(
                 f"{k} {'TODO' if v is None else f'{v:.3f}'}" for k, v in published.items()) + "\n")
-        lines += ["| variant | seeds | val force MAE (eV/Å) | val energy MAE (eV) | force MAE "
-                  "ratio to baseline (per seed) | force cos | train force MAE | test force MAE "
-                  "| minutes/run |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        stress_head = " val stress MAE (GPa) | test stress MAE (GPa) |" if stress else ""
+        lines += ["| variant | seeds | val force MAE (eV/Å) |" + stress_head + " val energy MAE "
+                  "(eV) | force MAE ratio to baseline (per seed) | force cos | train force MAE | "
+                  "test force MAE | minutes/run |",
+                  "|---|---|---|" + ("---|---|" if stress else "") + "---|---|---|---|---|---|"]
         for v in variants:
             runs = {s: results[f"{dataset}/{v.name}/seed{s}"] for s in suite.seeds
                     if f"{dataset}/{v.name}/seed{s}" in results}
@@ -287,8 +337,16 @@ def summarise(suite: Suite, results: dict[str, Result],
                 ratio_text += f" vs {v.baseline}"
             more = {key: [extras[f"{dataset}/{v.name}/seed{s}"][key] for s in runs
                           if key in extras.get(f"{dataset}/{v.name}/seed{s}", {})]
-                    for key in ("train_forces_mae", "test_forces_mae")}
-            lines.append(f"| {v.name}: {v.description} | {len(runs)} | {_spread(forces)} | "
+                    for key in ("train_forces_mae", "test_forces_mae", "test_stress_mae")}
+            if not more["test_stress_mae"]:
+                del more["test_stress_mae"]
+            stress_mae = [r.final["stress_mae"] for r in runs.values() if "stress_mae" in r.final]
+            stress_cells = ""
+            if stress:
+                stress_cells = (f" {_spread(_gpa(stress_mae)) if stress_mae else '—'} | "
+                                f"{_spread(_gpa(more['test_stress_mae'])) if more.get('test_stress_mae') else '—'} |")
+            lines.append(f"| {v.name}: {v.description} | {len(runs)} | {_spread(forces)} |"
+                         f"{stress_cells} "
                          f"{_spread(energy)} | {ratio_text} | {statistics.mean(cos):.3f} | "
                          f"{_spread(more['train_forces_mae']) if more['train_forces_mae'] else '—'} | "
                          f"{_spread(more['test_forces_mae']) if more['test_forces_mae'] else '—'} | "
@@ -297,8 +355,9 @@ def summarise(suite: Suite, results: dict[str, Result],
                 "seeds": list(runs), "forces_mae": forces, "energy_mae": energy,
                 "forces_mae_ratio": ratios, "baseline": v.baseline,
                 "forces_cosine_similarity": cos, "minutes": minutes, "overrides": v.dens,
-                **more, **({"plateau": {str(s): list(f) for s, f in flags.items()}}
-                           if v.name == "plain" else {})}
+                **({"stress_mae": stress_mae} if stress_mae else {}),
+                **more, **({"plateau": {str(s): list(f) for s, f in flags_of[v.name].items()}}
+                           if v.name in flags_of else {})}
     return "\n".join(lines), summary
 
 
@@ -403,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", choices=sorted(SUITES), default="full",
                         help="full (default), quick (= --quick), regime (MD17 with 200 "
                         "training frames, 40 epochs: DeNS as a regulariser when data are few), "
-                        "faithful (the authors' MD17 recipe, ablations) or mlearn (Si, Mo)")
+                        "faithful (the authors' MD17 recipe, ablations), mlearn (Si, Mo) or "
+                        "mlearn_stress (Si, Mo with stress; EquiformerV2 and eSEN)")
     parser.add_argument("--smoke", action="store_true",
                         help="shrink the suite to one tiny run per variant (checks it runs)")
     parser.add_argument("--epochs", action="append", default=[], metavar="DATASET=N",
@@ -464,14 +524,21 @@ def main(argv: list[str] | None = None) -> int:
             test = evaluate_test(run, test_src, args.threads)
             if test is not None:
                 extras[run.name]["test_forces_mae"] = test["forces_mae"]
-    table, summary = summarise(suite, results, floors, extras)
+                if "stress_mae" in test:
+                    extras[run.name]["test_stress_mae"] = test["stress_mae"]
+    stress_floors = {name: datasets.zero_stress_mae(ds.lmdb_dir, val_first_n.get(name))
+                     for name, ds in data.items()}
+    table, summary = summarise(suite, results, floors, extras, stress_floors)
     args.results.mkdir(parents=True, exist_ok=True)
     png = args.results / f"accuracy_{suite.name}.png"
     plot(suite, results, png, floors)
     curves = {name: {"steps": r.steps, "curve": r.curve, "minutes": r.minutes,
                      "command": r.command} for name, r in results.items()}
     (args.results / f"accuracy_{suite.name}.json").write_text(
-        json.dumps({"summary": summary, "zero_force_mae": floors, "runs": curves}, indent=1))
+        json.dumps({"summary": summary, "zero_force_mae": floors,
+                    "zero_stress_mae_eV_per_A3": stress_floors,
+                    "stress_unit": "stress_mae in eV/A^3 (table: GPa)", "runs": curves},
+                   indent=1))
     (args.results / f"accuracy_{suite.name}.md").write_text(table + "\n")
     print(table)
     print(f"\nlearning curves: {png}\nwall time: {(time.time() - start) / 60:.1f} min")

@@ -17,6 +17,10 @@
   pymatgen JSON. Their own test split is the converter's ``test`` split (evaluated once, after
   training); every 10th structure of their training split is held out as ``val`` (learning
   curves, plateau), the rest trains.
+* ``mlearn_si_stress``, ``mlearn_mo_stress``: the same structures and split, converted with
+  ``--stress`` (``stress`` [1, 3, 3] in eV/A^3, fairchem's sign; written by
+  :mod:`fairchem_dens.data.mlearn`, which reads VASP's ``virial_stress``) for the stress configs
+  of ``configs/mlearn``.
 
 Every dataset is written by :func:`fairchem_dens.data.convert`, the converter users run.
 """
@@ -49,11 +53,12 @@ class Dataset:
     lmdb_dir: Path
     config_stem: str  # benchmark config family (``oc20`` or ``md17``)
 
-    def overrides(self) -> list[str]:
-        """fairchem command-line overrides pointing a config at this dataset."""
+    def overrides(self, config: Path | None = None) -> list[str]:
+        """fairchem command-line overrides pointing ``config`` (or any config using the
+        converter's default files) at this dataset."""
         from fairchem_dens.runs import data_overrides
 
-        return data_overrides(self.lmdb_dir)
+        return data_overrides(self.lmdb_dir, config)
 
 
 def _require(path: Path) -> Path:
@@ -133,44 +138,36 @@ def md17_sigma_e(cache: Path = CACHE) -> Dataset:
 MLEARN_VAL_EVERY = 10  # every 10th structure of mlearn's training split validates
 
 
-def _mlearn_atoms(entry: dict):
-    """One mlearn record (pymatgen ``Structure`` dict + ``outputs``) as ASE ``Atoms`` with a
-    single-point calculator (energy eV, forces eV/A)."""
-    import numpy as np
-    from ase import Atoms
-    from ase.calculators.singlepoint import SinglePointCalculator
+def _mlearn_raw(element: str, raw: Path) -> list[int]:
+    """mlearn ``element``'s training and test files as one extxyz per structure in ``raw``
+    (:func:`fairchem_dens.data.mlearn.write_mlearn_extxyz`: energy eV, forces eV/A, stress
+    eV/A^3 in ASE's convention): sids 0.. for the training split, 10000.. for the test split.
+    Returns the sorted sids."""
+    from fairchem_dens.data.mlearn import write_mlearn_extxyz
 
-    structure = entry["structure"]
-    symbols = [site["species"][0]["element"] for site in structure["sites"]]
-    atoms = Atoms(symbols, positions=[site["xyz"] for site in structure["sites"]],
-                  cell=structure["lattice"]["matrix"], pbc=True)
-    atoms.calc = SinglePointCalculator(atoms, energy=float(entry["outputs"]["energy"]),
-                                       forces=np.asarray(entry["outputs"]["forces"], float))
-    return atoms
-
-
-def mlearn(element: str, cache: Path = CACHE) -> Dataset:
-    """mlearn ``element`` (``Si``, ``Mo``, ...): one file per structure; sids 0.. for the
-    training split, 10000.. for the test split."""
-    import json
-
-    from ase.io import write
-
-    raw = cache / "raw" / f"mlearn_{element}"
     if not (raw / ".complete").exists():
         raw.mkdir(parents=True, exist_ok=True)
         for split, offset in (("training", 0), ("test", 10000)):
-            with lzma.open(_require(SHARED_DATA / "mlearn" / element / f"{split}.json.xz"),
-                           "rt") as f:
-                for i, entry in enumerate(json.load(f)):
-                    write(raw / f"{element}_{offset + i:05d}.extxyz", _mlearn_atoms(entry))
+            write_mlearn_extxyz(_require(SHARED_DATA / "mlearn" / element / f"{split}.json.xz"),
+                                raw, first_sid=offset)
         (raw / ".complete").touch()
-    sids = sorted(int(p.stem.split("_")[1]) for p in raw.glob("*.extxyz"))
+    return sorted(int(p.stem.split("_")[1]) for p in raw.glob("*.extxyz"))
+
+
+def mlearn(element: str, cache: Path = CACHE, stress: bool = False) -> Dataset:
+    """mlearn ``element`` (``Si``, ``Mo``, ...): one file per structure; sids 0.. for the
+    training split (every ``MLEARN_VAL_EVERY``-th validates), 10000.. for the test split.
+    ``stress``: converted with ``--stress`` (dataset ``mlearn_<element>_stress``)."""
+    suffix = "_stress" if stress else ""
+    # the stress conversion reads its own raw copy: a raw folder written before the files
+    # carried stress (the plain suite's cache) would be refused by --stress
+    sids = _mlearn_raw(element, cache / "raw" / f"mlearn_{element}{suffix}")
     train = [s for s in sids if s < 10000]
-    out = _convert(cache / f"mlearn_{element}", inputs=[str(raw)],
+    out = _convert(cache / f"mlearn_{element}{suffix}",
+                   inputs=[str(cache / "raw" / f"mlearn_{element}{suffix}")],
                    val_systems=tuple(train[MLEARN_VAL_EVERY - 1::MLEARN_VAL_EVERY]),
-                   test_systems=tuple(s for s in sids if s >= 10000))
-    return Dataset(f"mlearn_{element.lower()}", out, "mlearn")
+                   test_systems=tuple(s for s in sids if s >= 10000), stress=stress)
+    return Dataset(f"mlearn_{element.lower()}{suffix}", out, "mlearn")
 
 
 def zero_force_mae(lmdb_dir: Path, first_n: int | None = None) -> float:
@@ -188,6 +185,22 @@ def zero_force_mae(lmdb_dir: Path, first_n: int | None = None) -> float:
     return mae
 
 
+def zero_stress_mae(lmdb_dir: Path, first_n: int | None = None) -> float | None:
+    """Validation stress MAE (eV/A^3, mean over the 9 components, as fairchem's ``stress_mae``)
+    of a model that predicts zero stress; ``None`` for data without stress."""
+    import torch
+    from fairchem.core.datasets import LmdbDataset
+
+    val = LmdbDataset({"src": str(lmdb_dir / "val")})
+    frames = [val[i] for i in range(min(len(val), first_n or len(val)))]
+    mae = (float(torch.cat([d.stress.reshape(-1, 9) for d in frames]).abs().mean())
+           if frames and "stress" in frames[0] else None)
+    del val  # lmdb: one open environment per path and process
+    return mae
+
+
 DATASETS = {"oc20": oc20, "md17": md17, "md17_sigma_e": md17_sigma_e,
             "md17_sigma_e_200": md17_sigma_e,  # the same data; the suite keeps 200 frames
-            "mlearn_si": lambda: mlearn("Si"), "mlearn_mo": lambda: mlearn("Mo")}
+            "mlearn_si": lambda: mlearn("Si"), "mlearn_mo": lambda: mlearn("Mo"),
+            "mlearn_si_stress": lambda: mlearn("Si", stress=True),
+            "mlearn_mo_stress": lambda: mlearn("Mo", stress=True)}

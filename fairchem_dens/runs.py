@@ -20,15 +20,31 @@ def fairchem_executable() -> str:
     return str(fairchem) if fairchem.exists() else "fairchem"
 
 
-def data_overrides(lmdb_dir: Path) -> list[str]:
+def data_overrides(lmdb_dir: Path, config: str | Path | None = None) -> list[str]:
     """fairchem command-line overrides pointing a config at the output of ``fairchem-dens
-    convert`` in ``lmdb_dir``: train/val LMDBs, element references and normalisers."""
+    convert`` in ``lmdb_dir``: train/val LMDBs, element references and normalisers.
+
+    Without ``config``: the converter's files for the energy references and the energy and
+    force normalisers. With ``config`` (a yml path), every ``file`` the config names under
+    ``dataset.train.transforms.{element_references,normalizer}.<target>`` is pointed at the file
+    of the same name in ``lmdb_dir`` instead, so a config that reuses one of the converter's
+    files for another target (e.g. configs/mlearn/esen_cpu.yml: the force normaliser for the
+    energy and the stress) keeps its choice."""
+    files = {"element_references.energy": "element_references.npz",
+             "normalizer.energy": "energy_normalizer.npz",
+             "normalizer.forces": "forces_normalizer.npz"}
+    if config is not None:
+        from fairchem.core.common.utils import load_config
+
+        transforms = load_config(str(config))[0]["dataset"]["train"].get("transforms") or {}
+        for kind in ("element_references", "normalizer"):
+            for target, value in (transforms.get(kind) or {}).items():
+                if isinstance(value, dict) and value.get("file"):
+                    files[f"{kind}.{target}"] = Path(value["file"]).name
     t = "--dataset.train"
     return [
         f"{t}.src={lmdb_dir / 'train'}",
-        f"{t}.transforms.element_references.energy.file={lmdb_dir / 'element_references.npz'}",
-        f"{t}.transforms.normalizer.energy.file={lmdb_dir / 'energy_normalizer.npz'}",
-        f"{t}.transforms.normalizer.forces.file={lmdb_dir / 'forces_normalizer.npz'}",
+        *(f"{t}.transforms.{key}.file={lmdb_dir / name}" for key, name in files.items()),
         f"--dataset.val.src={lmdb_dir / 'val'}",
     ]
 

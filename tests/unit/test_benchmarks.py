@@ -130,3 +130,47 @@ def test_overhead_models_share_weights_and_train_without_corruption(model, oc20_
         if name != "port":
             state = m.state_dict()
             assert all(torch.equal(state[k], v) for k, v in plain.items()), name
+
+
+def test_mlearn_stress_suite_pairs_each_family_and_reports_stress_in_gpa(
+        demo_lmdb, monkeypatch, tmp_path) -> None:
+    for name in ("mlearn_si_stress", "mlearn_mo_stress"):
+        fake = datasets.Dataset(name, demo_lmdb, "mlearn")
+        monkeypatch.setitem(datasets.DATASETS, name, lambda fake=fake: fake)
+    suite = accuracy.SUITES["mlearn_stress"]
+    runs = {r.name: r for r in accuracy.plan(suite, tmp_path)[0]}
+    assert len(runs) == 2 * 4 * 3  # Si, Mo x (eqv2, eSEN) x (plain, DeNS) x 3 seeds
+    si = {v: runs[f"mlearn_si_stress/{v}/seed2"] for v in ("plain", "dens", "esen_plain",
+                                                            "esen_dens")}
+    assert [si[v].config.relative_to(REPO).as_posix() for v in si] == [
+        "configs/mlearn/eqv2_cpu.yml", "configs/mlearn/eqv2_dens_cpu.yml",
+        "configs/mlearn/esen_cpu.yml", "configs/mlearn/esen_dens_cpu.yml"]
+    assert si["plain"].overrides == si["dens"].overrides
+    assert si["esen_plain"].overrides == si["esen_dens"].overrides
+    # eSEN keeps its one scale for the energy and its gradients (the force normaliser file)
+    shared = f"--dataset.train.transforms.normalizer.stress.file={demo_lmdb}/forces_normalizer.npz"
+    assert shared in si["esen_plain"].overrides and shared not in si["plain"].overrides
+    assert (f"--dataset.train.transforms.normalizer.energy.file={demo_lmdb}/forces_normalizer.npz"
+            in si["esen_plain"].overrides)
+
+    def result(forces, stress):
+        return Result("r", [10], [{"forces_mae": forces, "energy_mae": 1.0,
+                                   "stress_mae": stress}], 1.0, [])
+
+    one = accuracy.Suite("t", {"mlearn_si_stress": 1}, (0,), suite.variants,
+                         suite.ablations, ablation_seeds=(0,))
+    results = {"mlearn_si_stress/plain/seed0": result(0.10, 0.01),
+               "mlearn_si_stress/dens/seed0": result(0.09, 0.02),
+               "mlearn_si_stress/esen_plain/seed0": result(0.20, 0.004),
+               "mlearn_si_stress/esen_dens/seed0": result(0.10, 0.003)}
+    table, summary = accuracy.summarise(
+        one, results, {"mlearn_si_stress": 0.6},
+        {"mlearn_si_stress/dens/seed0": {"test_stress_mae": 0.005}},
+        {"mlearn_si_stress": 0.003146})
+    assert "val stress MAE (GPa) | test stress MAE (GPa)" in table
+    assert "zero stress 0.504 GPa" in table
+    dens_row = next(line for line in table.splitlines() if line.startswith("| dens:"))
+    assert "| 0.0900 | 3.2044 | 0.8011 |" in dens_row  # eV/A^3 x 160.2 = GPa
+    assert summary["mlearn_si_stress/dens"]["stress_mae"] == [0.02]  # JSON: eV/A^3
+    assert summary["mlearn_si_stress/esen_dens"]["forces_mae_ratio"] == pytest.approx([0.5])
+    assert "esen_plain plateau" in table and "plateau" in summary["mlearn_si_stress/esen_plain"]

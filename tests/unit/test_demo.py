@@ -60,6 +60,19 @@ def test_data_overrides_point_every_path_at_the_converted_data() -> None:
     assert "--dataset.train.transforms.element_references.energy.file=/d/element_references.npz" in args
 
 
+def test_data_overrides_keep_the_files_a_config_chooses() -> None:
+    """configs/mlearn/esen_cpu.yml normalises energy, forces and stress with the converter's
+    force normaliser (one scale for an energy and its gradients): relocated, not replaced."""
+    args = data_overrides(Path("/d"), REPO / "configs/mlearn/esen_cpu.yml")
+    prefix = "--dataset.train.transforms.normalizer"
+    for target in ("energy", "forces", "stress"):
+        assert f"{prefix}.{target}.file=/d/forces_normalizer.npz" in args
+    assert not any("energy_normalizer" in a for a in args)
+    assert args[0] == "--dataset.train.src=/d/train" and args[-1] == "--dataset.val.src=/d/val"
+    assert data_overrides(Path("/d"), REPO / "configs/mlearn/eqv2_cpu.yml") == data_overrides(
+        Path("/d"))
+
+
 def test_val_first_n_reads_the_last_override() -> None:
     assert val_first_n(["--optim.max_epochs=1", "--dataset.val.first_n=8"]) == 8
     assert val_first_n(["--dataset.val.first_n=8", "--dataset.val.first_n=5"]) == 5

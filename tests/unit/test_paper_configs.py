@@ -1,6 +1,7 @@
 """The paper / official-release configs (docs/configs.md): each full-size model has the paper's
 parameter count, the DeNS settings are the ones its comments cite, and each config, scaled down
-(1 block, small channels, lmax 2) on real OC20 frames, trains one step with a finite loss."""
+(1 block, small channels, lmax 2) on real OC20 frames (eSEN MPtrj: real mlearn Si with stress),
+trains one step with a finite loss."""
 
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ PAPER_PARAMS = {
     "oc22/s2ef/eqv2_dens_N@18_L@6_M@2_e6_official.yml": 127e6,
 }
 MD17 = "md17/eqv2_dens_ethanol.yml"
+#: eSEN (conservative) + DeNS on MPtrj: DeNS values of fairchem's EquiformerV2 + DeNS MPtrj
+#: release (no eSEN config ships with fairchem 1.10; see the config's header)
+ESEN_MPTRJ = "omat24/mptrj/esen_dens_mptrj.yml"
 
 #: DeNS settings each config must carry (paper Tables 1, 7, 8, 9 or the official release).
 EXPECTED_DENS = {
@@ -63,6 +67,11 @@ EXPECTED_DENS = {
     "oc20/s2ef/2M/escn_dens_L@6_M@2_Lay@12_e20.yml":
         {"prob": 0.5, "corrupt_ratio": 0.5, "std": 0.15, "std_high": None, "coefficient": 10,
          "selection": "structure", "reduction": "shared_free_atoms", "normalize_by": "sigma"},
+    ESEN_MPTRJ:  # eqV2_31M_dens_mptrj.yml: prob 0.5, fixed std 0.1, coefficient 10, every
+    # atom of a DeNS batch corrupted (no corrupt_ratio), one coin per batch
+        {"prob": 0.5, "corrupt_ratio": 1.0, "std": 0.1, "std_high": None, "coefficient": 10,
+         "selection": "batch", "reduction": "per_term", "normalize_by": "sigma",
+         "max_force_norm": None, "min_num_atoms": None, "max_stress": None},
     MD17:  # the authors' MD17 rule: per-term means, lambda_DeNS decayed linearly by epoch
         {"prob": 0.25, "corrupt_ratio": 0.25, "std": 0.05, "std_high": None, "coefficient": 5,
          "selection": "structure", "reduction": "per_term", "normalize_by": "sigma",
@@ -93,7 +102,7 @@ def load(rel: str) -> dict:
 
 def test_every_paper_config_is_listed() -> None:
     shipped = {str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.rglob("*.yml")
-               if p.name != "base.yml" and not {"demo", "pretrain"} & set(p.parts)}
+               if p.name != "base.yml" and not {"demo", "pretrain", "mlearn"} & set(p.parts)}
     assert shipped == set(ALL)
 
 
@@ -129,6 +138,28 @@ def test_dens_settings_are_the_cited_ones(rel: str) -> None:
         assert config["model"]["backbone"]["drop_path_rate"] == drop_path
 
 
+def test_esen_mptrj_values_are_the_cited_ones() -> None:
+    """The optimiser, loss weights and size the eSEN MPtrj config's header cites: fairchem's
+    EquiformerV2 MPtrj optimiser and energy/force weights, stress weight 5, one normaliser
+    scale for the energy and its gradient forces and stress, 26.9M parameters."""
+    config = load(ESEN_MPTRJ)
+    optim = config["optim"]
+    assert (optim["lr_initial"], optim["max_epochs"], optim["clip_grad_norm"],
+            optim["ema_decay"], optim["batch_size"]) == (2e-4, 150, 100, 0.999, 4)
+    assert optim["scheduler_params"] == {"lambda_type": "cosine", "warmup_factor": 0.2,
+                                         "warmup_epochs": 0.1, "lr_min_factor": 0.01}
+    terms = {k: (v["fn"], v["coefficient"]) for e in config["loss_functions"] for k, v in e.items()}
+    assert terms == {"energy": ("per_atom_mae", 5), "forces": ("l2mae", 20),
+                     "stress": ("mae", 5)}
+    normalizers = config["dataset"]["train"]["transforms"]["normalizer"]
+    assert {t: (n["mean"], n["rmsd"]) for t, n in normalizers.items()} == {
+        t: (0.0, 1.0) for t in ("energy", "forces", "stress")}
+    assert [h["module"] for h in config["model"]["heads"].values()] == [
+        "esen_mlp_efs_head", "fairchem_dens.models.esen.DeNSeSENNoiseHead"]
+    n = _count(json.dumps(config["model"], sort_keys=True))
+    assert abs(n - 26.85e6) < 0.01e6, n
+
+
 # ------------------------------------------------------------------ scaled-down training
 SMALL_EQV2 = {
     "num_layers": 1, "sphere_channels": 16, "attn_hidden_channels": 16, "num_heads": 2,
@@ -136,6 +167,10 @@ SMALL_EQV2 = {
     "edge_channels": 16, "lmax_list": [2], "mmax_list": [2], "grid_resolution": 8,
     "num_sphere_samples": 16, "num_distance_basis": 64, "max_radius": 6.0, "max_neighbors": 8,
     "alpha_drop": 0.0, "drop_path_rate": 0.0,
+}
+SMALL_ESEN = {
+    "num_layers": 1, "sphere_channels": 16, "hidden_channels": 16, "edge_channels": 16,
+    "lmax": 2, "mmax": 2, "num_distance_basis": 32, "cutoff": 5.0, "max_neighbors": 30,
 }
 SMALL_ESCN = {
     "num_layers": 1, "sphere_channels": 16, "hidden_channels": 16, "lmax_list": [2],
@@ -180,15 +215,21 @@ def scaled_config(rel: str, data_dir: Path, run_dir: Path) -> dict:
     data = Path(shutil.copytree(data_dir, run_dir / "data"))  # lmdb: one open per path
     train = config["dataset"]["train"]
     train.pop("key_mapping", None)
+    train.pop("a2g_args", None)  # ase_db reading options (eSEN's MPtrj config)
+    train["format"] = "lmdb"
     train["src"] = str(data / "train")
+    esen = "esen" in config["model"]["backbone"]["model"]
     train["transforms"] = {
         "element_references": {"energy": {"file": str(data / "element_references.npz")}},
-        "normalizer": {key: {"file": str(data / f"{key}_normalizer.npz")}
-                       for key in ("energy", "forces")},
+        # eSEN: the config's own normalisers (one data-independent scale for the energy and
+        # its gradients); the others: the converter's files
+        "normalizer": train["transforms"]["normalizer"] if esen else {
+            key: {"file": str(data / f"{key}_normalizer.npz")} for key in ("energy", "forces")},
     }
     config["dataset"]["val"] = {"src": str(data / "val")}
     backbone = config["model"]["backbone"]
-    backbone.update(SMALL_ESCN if "escn" in backbone["model"] else SMALL_EQV2)
+    backbone.update(SMALL_ESEN if esen else SMALL_ESCN if "escn" in backbone["model"]
+                    else SMALL_EQV2)
     config["optim"].update(batch_size=8, eval_batch_size=8, num_workers=0)
     config["optim"].pop("load_balancing", None)
     # a few steps per epoch: fairchem's cosine schedule divides by int(warmup_epochs * steps)
@@ -208,8 +249,10 @@ def dens_step(trainer, batch) -> int:
 
 
 @pytest.mark.parametrize("rel", ALL)
-def test_scaled_config_trains_one_step(rel: str, oc20_md_lmdb, molecule_lmdb, tmp_path) -> None:
-    data = molecule_lmdb if rel.startswith("md17") else oc20_md_lmdb
+def test_scaled_config_trains_one_step(rel: str, oc20_md_lmdb, molecule_lmdb, mlearn_si_lmdb,
+                                       tmp_path) -> None:
+    data = (molecule_lmdb if rel.startswith("md17") else mlearn_si_lmdb if rel == ESEN_MPTRJ
+            else oc20_md_lmdb)  # eSEN's stress target: real mlearn Si with stress
     trainer = build_trainer(scaled_config(rel, data, tmp_path))
     assert trainer.dens == DeNSConfig.from_optim(load(rel)["optim"])
     batch = next(iter(trainer.train_loader))
@@ -234,9 +277,35 @@ def test_scaled_config_trains_one_step(rel: str, oc20_md_lmdb, molecule_lmdb, tm
     # free uncorrupted atom, which used to crash fairchem's loss reshape and threshold metric)
     for later in range(trainer.step + 1, trainer.step + 4):
         trainer.step = later
-        out = trainer._forward(batch)
-        loss = trainer._compute_loss(out, batch)
-        metrics = trainer._compute_metrics(out, batch, trainer.evaluator, metrics)
+        fresh = batch.clone()  # eSEN's efs head leaves a strained (non-leaf) pos in its batch
+        out = trainer._forward(fresh)
+        loss = trainer._compute_loss(out, fresh)
+        metrics = trainer._compute_metrics(out, fresh, trainer.evaluator, metrics)
         assert math.isfinite(loss.item())
-        assert all(math.isfinite(m["metric"]) for m in metrics.values())
+        assert all(math.isfinite(m["metric"]) for m in metrics.values()), {
+            k: m for k, m in metrics.items() if not math.isfinite(m["metric"])}
         trainer._backward(loss)
+
+
+def test_per_atom_energy_metric_of_a_dens_step_divides_by_every_atom(mlearn_si_lmdb,
+                                                                     tmp_path) -> None:
+    """Every structure of a DeNS step trains its original energy, so its training energy
+    metrics are fairchem's over the whole batch: ``energy_per_atom_mae`` divides each
+    structure's error by all its (free) atoms, not by its uncorrupted ones. fairchem's MPtrj /
+    OMat24 configs log this metric; with r 1.0 (eSEN MPtrj) every structure of a DeNS batch is
+    fully corrupted."""
+    from fairchem.core.trainers import OCPTrainer
+
+    trainer = build_trainer(scaled_config(ESEN_MPTRJ, mlearn_si_lmdb, tmp_path))
+    batch = next(iter(trainer.train_loader))
+    trainer.model.train()
+    trainer.step = dens_step(trainer, batch)
+    out = trainer._forward(batch)
+    trainer._compute_loss(out, batch)
+    dens = trainer._compute_metrics(out, batch, trainer.evaluator, {})
+    plain = OCPTrainer._compute_metrics(trainer, {k: v for k, v in out.items() if k in
+                                                  trainer.output_targets}, batch,
+                                        trainer.evaluator, {})
+    assert dens["energy_mae"]["metric"] == pytest.approx(plain["energy_mae"]["metric"])
+    assert dens["energy_per_atom_mae"]["metric"] == pytest.approx(
+        plain["energy_per_atom_mae"]["metric"])
