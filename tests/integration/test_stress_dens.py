@@ -38,8 +38,13 @@ def _eqv2_rank2(config: dict) -> tuple[str, ...]:
 
 
 def _esen_efs(config: dict) -> tuple[str, ...]:
-    """Conservative eSEN: ``esen_mlp_efs_head``'s forces and stress are gradients of its energy."""
+    """Conservative eSEN: ``esen_mlp_efs_head``'s forces and stress are gradients of its energy,
+    so energy, forces and stress share one scale (the force RMS, mean 0), as in
+    configs/mlearn/esen_cpu.yml."""
     config["outputs"]["stress"] = {"level": "system", "property": "stress"}
+    normalizers = config["dataset"]["train"]["transforms"]["normalizer"]
+    shared = normalizers["forces"]["file"]
+    normalizers.update(energy={"file": shared}, stress={"file": shared})
     config["model"] = {
         "name": "hydra", "pass_through_head_outputs": True,
         "backbone": {"model": "fairchem_dens.models.esen.DeNSeSENBackbone",
@@ -74,11 +79,18 @@ def stress_targets(family: str) -> tuple[str, ...]:
     return tuple(PARTS) if family == "eqv2_rank2" else ("stress",)
 
 
-def stress_loss(batch, out, targets: tuple[str, ...], rows: torch.Tensor) -> torch.Tensor:
-    """The stress terms by hand: STRESS_COEFFICIENT x mae over the structures in ``rows`` (no normaliser)."""
+def stress_loss(trainer, batch, out, targets: tuple[str, ...],
+                rows: torch.Tensor) -> torch.Tensor:
+    """The stress terms by hand: STRESS_COEFFICIENT x mae of the (normalised, where a normaliser
+    is set) stress over the structures in ``rows``."""
     num = batch.natoms.numel()
-    return sum(STRESS_COEFFICIENT * (out[t].view(num, -1)[rows] - batch[t].view(num, -1)[rows])
-               .abs().mean() for t in targets)
+    terms = []
+    for t in targets:
+        target = batch[t].view(num, -1)
+        if t in trainer.normalizers:
+            target = trainer.normalizers[t].norm(target)
+        terms.append(STRESS_COEFFICIENT * (out[t].view(num, -1)[rows] - target[rows]).abs().mean())
+    return sum(terms)
 
 
 def test_stress_is_trained_on_uncorrupted_structures_only(mlearn_si_lmdb, tmp_path,
@@ -94,10 +106,10 @@ def test_stress_is_trained_on_uncorrupted_structures_only(mlearn_si_lmdb, tmp_pa
     loss = trainer._compute_loss(out, batch)
     targets = stress_targets(family)
     plain_terms, *_ = per_term_loss(trainer, batch, out, c)  # energy, forces, DeNS
-    expected = plain_terms + stress_loss(batch, out, targets, ~corrupted)
+    expected = plain_terms + stress_loss(trainer, batch, out, targets, ~corrupted)
     assert torch.allclose(loss, expected, rtol=1e-6, atol=0), (loss.item(), expected.item())
     # training every structure's stress against the original label would change the value
-    every = plain_terms + stress_loss(batch, out, targets, torch.ones_like(corrupted))
+    every = plain_terms + stress_loss(trainer, batch, out, targets, torch.ones_like(corrupted))
     assert abs((every - expected).item()) > 1e-4 * abs(expected.item())
 
     metrics = trainer._compute_metrics(out, batch, trainer.evaluator, {})
@@ -133,7 +145,7 @@ def test_plain_step_trains_every_structures_stress(mlearn_si_lmdb, tmp_path, fam
     fairchem = super(type(trainer), trainer)._compute_loss(out, batch)
     assert torch.allclose(loss, fairchem, rtol=1e-6, atol=0)
     all_rows = torch.ones(batch.natoms.numel(), dtype=torch.bool)
-    part = stress_loss(batch, out, stress_targets(family), all_rows)
+    part = stress_loss(trainer, batch, out, stress_targets(family), all_rows)
     assert 0 < part.item() < loss.item()
 
 
