@@ -423,7 +423,9 @@ def plot(suite: Suite, results: dict[str, Result], path: Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(suite.epochs)
+    names = [n for n in suite.epochs if any(k.startswith(f"{n}/") for k in results)]
+    if not names:
+        return
     fig, axes = plt.subplots(2, len(names), figsize=(5.5 * len(names), 7), squeeze=False,
                              sharex="col", gridspec_kw={"height_ratios": [2, 1]})
     for col, dataset in enumerate(names):
