@@ -15,6 +15,9 @@ import torch
 from fairchem_dens.config import DeNSConfigError
 from tests.conftest import TINY_ESEN_CONSERVATIVE, build_trainer, demo_config
 from tests.integration.test_trainer import first_batch, mixed_step, per_term_loss
+from tests.integration.test_trainer import (
+    test_dataset_without_forces_names_the_key_mapping as forces_missing_is_named,
+)
 
 DENS = {"prob": 0.5, "corrupt_ratio": 0.5, "std": 0.05, "coefficient": 10}
 # each stress term, on unnormalised eV/A^3: fairchem's OMat24 configs weigh the stress 5 after
@@ -190,13 +193,8 @@ def test_bad_uncorrupted_structure_targets_fail_at_construction(mlearn_si_lmdb, 
 
 def test_conservative_esen_encoding_without_forces_names_the_key(mlearn_si_lmdb,
                                                                  tmp_path) -> None:
-    trainer = build_trainer(stress_config(mlearn_si_lmdb, tmp_path, "esen_efs"))
-    batch = first_batch(trainer)
-    del batch.forces
-    trainer.model.train()
-    trainer.step = 1
-    with pytest.raises(DeNSConfigError, match="forces.*key_mapping"):
-        trainer._forward(batch)
+    """The trainer's missing-forces error (test_trainer's check) on the conservative eSEN."""
+    forces_missing_is_named(build_trainer(stress_config(mlearn_si_lmdb, tmp_path, "esen_efs")))
 
 
 def test_per_structure_metrics_of_a_dens_step_are_fairchems_over_every_structure(
