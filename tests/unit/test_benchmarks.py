@@ -92,8 +92,10 @@ def test_faithful_ablations_run_next_to_their_own_baselines(demo_lmdb, monkeypat
     assert runs["dens_rms"].config == runs["dens"].config  # same recipe, other normaliser data
     assert runs["plain_mae"].config.name == "md17_eqv2_cpu.yml"
     assert runs["dens_constant"].overrides[-1] == "--optim.dens.coefficient_schedule=constant"
+    assert runs["esen_dens"].config.name == "md17_esen_dens_faithful_cpu.yml"
     by_variant = {v.name: v for v in accuracy.FAITHFUL_ABLATIONS}
     assert by_variant["dens_rms"].baseline == "plain_rms" and by_variant["dens_rms"].data == "md17"
+    assert by_variant["esen_dens"].baseline == "esen_plain"
 
     def result(forces):
         return Result("r", [10, 20, 30, 40], [{"forces_mae": f, "energy_mae": 1.0}
@@ -174,3 +176,28 @@ def test_mlearn_stress_suite_pairs_each_family_and_reports_stress_in_gpa(
     assert summary["mlearn_si_stress/dens"]["stress_mae"] == [0.02]  # JSON: eV/A^3
     assert summary["mlearn_si_stress/esen_dens"]["forces_mae_ratio"] == pytest.approx([0.5])
     assert "esen_plain plateau" in table and "plateau" in summary["mlearn_si_stress/esen_plain"]
+
+
+def test_md17_esen_pair_differs_from_the_eqv2_pair_only_in_the_network() -> None:
+    """The gradient-force (eSEN) pair of the faithful suite is a standalone file (an include would
+    pass EquiformerV2's backbone keys to eSEN): everything but the model must stay equal to the
+    EquiformerV2 recipe, or the two pairs would not be comparable."""
+    from fairchem.core.common.utils import load_config
+
+    configs = REPO / "benchmarks" / "configs"
+    for plain, dens in (("md17_eqv2_faithful_cpu.yml", "md17_eqv2_dens_faithful_cpu.yml"),
+                        ("md17_esen_faithful_cpu.yml", "md17_esen_dens_faithful_cpu.yml")):
+        loaded = [load_config(str(configs / name))[0] for name in (plain, dens)]
+        if plain.startswith("md17_eqv2"):
+            eqv2 = loaded
+        else:
+            esen = loaded
+    for eqv2_config, esen_config in zip(eqv2, esen):
+        for key in ("trainer", "outputs", "loss_functions", "evaluation_metrics", "optim"):
+            assert esen_config[key] == eqv2_config[key], key
+        # the files themselves are set by the runner (datasets.Dataset.overrides), for both
+        assert ({k: sorted(v) for k, v in esen_config["dataset"]["train"]["transforms"].items()}
+                == {k: sorted(v) for k, v in eqv2_config["dataset"]["train"]["transforms"].items()})
+    assert esen[0]["model"]["backbone"]["model"] == "esen_backbone"
+    assert esen[0]["model"]["heads"] == {"efs": {"module": "esen_mlp_efs_head"}}  # -dE/dpos
+    assert esen[1]["model"]["backbone"]["model"] == "fairchem_dens.models.esen.DeNSeSENBackbone"
