@@ -78,14 +78,22 @@ def eval_interval(per_epoch: int, evals_per_epoch: int) -> int:
     return max(d for d in range(1, target + 1) if per_epoch % d == 0)
 
 
+def _same_job(command: list[str]) -> list[str]:
+    """``command`` without the interpreter path and the ``--run-dir`` value: neither changes the
+    training, so a result stays valid when the environment or the runs' folder moves (e.g.
+    ``--out`` pointing to an archived copy of a suite's runs)."""
+    return [arg for i, arg in enumerate(command) if i > 0 and command[i - 1] != "--run-dir"]
+
+
 def load_result(run: Run) -> Result | None:
-    """The stored result of ``run`` (same command), or ``None`` if it has not finished."""
+    """The stored result of ``run`` (same job, :func:`_same_job`), or ``None`` if it has not
+    finished."""
     stored = run.out / "result.json"
     if not stored.exists():
         return None
     data = json.loads(stored.read_text())
     data.pop("key", None)
-    if data["command"][1:] != run.command()[1:]:
+    if _same_job(data["command"]) != _same_job(run.command()):
         return None
     return Result(**data)
 

@@ -47,6 +47,27 @@ def test_paired_runs_differ_only_in_config(demo_lmdb, monkeypatch, tmp_path) -> 
     assert plain.key() != dens.key()
 
 
+def test_finished_runs_are_found_after_their_folder_moves(tmp_path) -> None:
+    import dataclasses
+    import json
+    import shutil
+
+    from runner import Run, load_result
+
+    def run(out, seed=0):
+        return Run("md17/plain/seed0", REPO / "benchmarks/configs/md17_eqv2_cpu.yml",
+                   tmp_path / out, seed, ["--optim.max_epochs=2"], eval_every=125)
+
+    old = run("old")
+    old.out.mkdir()
+    stored = Result("md17/plain/seed0", [125], [{"forces_mae": 0.1}], 1.0, old.command())
+    (old.out / "result.json").write_text(json.dumps(dataclasses.asdict(stored)))
+    assert load_result(old) == stored
+    shutil.move(old.out, tmp_path / "archive")
+    assert load_result(run("archive")) == stored  # only --run-dir differs: same job
+    assert load_result(run("archive", seed=1)) is None  # another job
+
+
 def test_summary_ratios_are_paired_by_seed() -> None:
     def result(name, forces):
         return Result(name, [10], [{"forces_mae": forces, "energy_mae": 1.0}], 1.0, [])
