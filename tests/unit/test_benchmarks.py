@@ -205,14 +205,11 @@ def test_md17_esen_pair_differs_from_the_eqv2_pair_only_in_the_network() -> None
     EquiformerV2 recipe, or the two pairs would not be comparable."""
     from fairchem.core.common.utils import load_config
 
-    configs = REPO / "benchmarks" / "configs"
-    for plain, dens in (("md17_eqv2_faithful_cpu.yml", "md17_eqv2_dens_faithful_cpu.yml"),
-                        ("md17_esen_faithful_cpu.yml", "md17_esen_dens_faithful_cpu.yml")):
-        loaded = [load_config(str(configs / name))[0] for name in (plain, dens)]
-        if plain.startswith("md17_eqv2"):
-            eqv2 = loaded
-        else:
-            esen = loaded
+    def pair(family: str) -> list[dict]:  # [plain, DeNS], includes resolved by fairchem
+        return [load_config(str(REPO / "benchmarks" / "configs" / f"md17_{family}{kind}"
+                                "_faithful_cpu.yml"))[0] for kind in ("", "_dens")]
+
+    eqv2, esen = pair("eqv2"), pair("esen")
     for eqv2_config, esen_config in zip(eqv2, esen):
         for key in ("trainer", "outputs", "loss_functions", "evaluation_metrics", "optim"):
             assert esen_config[key] == eqv2_config[key], key
