@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-__all__ = ["data_overrides", "fairchem_executable", "parse_val_metrics"]
+__all__ = ["build_trainer", "data_overrides", "fairchem_executable", "parse_val_metrics"]
 
 _METRIC = re.compile(r"(\w+): (-?[0-9.]+(?:e[-+]?\d+)?)")
 
@@ -59,3 +59,33 @@ def parse_val_metrics(log: str) -> list[dict[str, float]]:
             results.append({k: float(v) for k, v in _METRIC.findall(line)})
             pending = False
     return results
+
+
+def build_trainer(config: dict, seed: int = 0, cpu: bool = True, amp: bool = False):
+    """Construct the trainer ``config`` names in-process with the arguments fairchem's CLI
+    passes (``new_trainer_context``), without logging or checkpoints (``is_debug``).
+    ``config`` is a resolved config dict (``load_config``) with ``run_dir`` set; ``amp``:
+    fairchem's ``--amp`` (a ``GradScaler`` and fp16 autocast on CUDA; ignored with ``cpu``)."""
+    from fairchem.core.common.registry import registry
+
+    name = config["trainer"]
+    task_name = "s2ef" if name in ("forces", "equiformerv2_forces") else "ocp"
+    return registry.get_trainer_class(name)(
+        task=config.get("task", {}),
+        model=config["model"],
+        outputs=config["outputs"],
+        dataset=config["dataset"],
+        optimizer=config["optim"],
+        loss_functions=config["loss_functions"],
+        evaluation_metrics=config["evaluation_metrics"],
+        identifier="test",
+        run_dir=config["run_dir"],
+        is_debug=True,
+        print_every=1000,
+        seed=seed,
+        logger="tensorboard",
+        local_rank=0,
+        amp=amp,
+        cpu=cpu,
+        name=task_name,
+    )

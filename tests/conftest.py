@@ -209,29 +209,10 @@ def demo_config(data_dir: Path, dens: dict | None, run_dir: Path, first_n: int |
 
 def build_trainer(config: dict, seed: int = 0):
     """Construct the configured trainer in-process exactly as fairchem's CLI does (same
-    arguments as ``new_trainer_context``), without logging or checkpoints (``is_debug``)."""
-    from fairchem.core.common.registry import registry
+    arguments as ``new_trainer_context``), on the CPU, without logging or checkpoints."""
+    from fairchem_dens.runs import build_trainer as build
 
-    name = config["trainer"]
-    task_name = "s2ef" if name in ("forces", "equiformerv2_forces") else "ocp"
-    return registry.get_trainer_class(name)(
-        task=config.get("task", {}),
-        model=config["model"],
-        outputs=config["outputs"],
-        dataset=config["dataset"],
-        optimizer=config["optim"],
-        loss_functions=config["loss_functions"],
-        evaluation_metrics=config["evaluation_metrics"],
-        identifier="test",
-        run_dir=config["run_dir"],
-        is_debug=True,
-        print_every=1000,
-        seed=seed,
-        logger="tensorboard",
-        local_rank=0,
-        cpu=True,
-        name=task_name,
-    )
+    return build(config, seed=seed)
 
 
 @pytest.fixture
