@@ -385,7 +385,7 @@ def evaluate_test(run: Run, test_src: Path, threads: int = 1) -> dict[str, float
     import os
     import subprocess
 
-    from fairchem_dens.demo import parse_val_metrics
+    from fairchem_dens.runs import parse_val_metrics
 
     cache = run.out / "test_metrics.json"
     if cache.exists() and json.loads(cache.read_text()).get("key") == run.key():

@@ -8,7 +8,9 @@ real DFT data and show what the models learned.
 2. trains the DeNS config and the plain baseline (same model, seed and data order) through the
    stock ``fairchem`` console script (``--mode train --cpu``), side by side, streaming both logs;
 3. prints the validation force/energy MAE and force cosine of both next to the zero-output
-   baseline (zero forces, energy = element references), and one line on what they show.
+   baseline (zero forces, energy = element references), and one line on what they show;
+4. writes ``learning_curves.png`` (validation force and energy MAE vs epoch of both runs, and
+   the DeNS/plain ratios) next to the logs and prints its path.
 
 ``--no-compare`` trains the DeNS model only; ``--model escn`` uses eSCN. Run
 ``python -m fairchem_dens.demo --help``.
@@ -199,6 +201,49 @@ def reading(metrics: dict[str, dict[str, float]], baseline: dict[str, float]) ->
     return line
 
 
+def plot_curves(results: dict[str, dict], baseline: dict[str, float], path: Path,
+                title: str) -> Path | None:
+    """PNG of the validation learning curves of both runs (``variant -> {"curve": [metrics of
+    each evaluation]}``): force MAE and energy MAE vs epoch beside the zero-output baseline,
+    and the DeNS/plain ratios. Returns ``path``, or None without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no learning-curve plot (pip install matplotlib)")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {v: results[v]["curve"] for v in ("plain", "dens") if v in results}
+    panels = [("forces_mae", "force MAE (eV/A)"), ("energy_mae", "energy MAE (eV)")]
+    fig, axes = plt.subplots(1, 3 if len(runs) == 2 else 2, figsize=(14, 4.2))
+    for ax, (key, label) in zip(axes, panels):
+        for variant, curve in runs.items():
+            ax.plot([m["epoch"] for m in curve], [m[key] for m in curve], marker="o",
+                    label=VARIANT_NAMES[variant])
+        if key in baseline:
+            ax.axhline(baseline[key], color="grey", linestyle="--",
+                       label="zero forces / mean energy" if key == "forces_mae"
+                       else "mean-energy baseline")
+        ax.set(xlabel="epoch", ylabel=label, yscale="log", title=f"validation {label}")
+        ax.legend(fontsize=8)
+    if len(runs) == 2:
+        ax = axes[2]
+        for key, label in panels:
+            pairs = list(zip(runs["dens"], runs["plain"]))
+            ax.plot([d["epoch"] for d, _ in pairs], [d[key] / p[key] for d, p in pairs],
+                    marker="o", label=label.split(" (")[0])
+        ax.axhline(1.0, color="grey", linestyle="--")
+        ax.set(xlabel="epoch", ylabel="DeNS / plain", title="DeNS / plain (below 1: DeNS better)")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{title}: one seed, minutes of CPU training (BENCHMARKS.md: seeds, plateaus)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--data", choices=sorted(DATA), default="md17",
                         help="md17 (default): MD17 ethanol, 1000 training and 500 validation "
@@ -249,6 +294,10 @@ def run(args: argparse.Namespace) -> int:
           "(last evaluation, EMA weights) ===")
     print("\n".join(summary_table(results, baseline)))
     print("Reading: " + reading({v: r["metrics"] for v, r in results.items()}, baseline))
+    plot = plot_curves(results, baseline, out / "learning_curves.png",
+                       f"{data.title}, {args.model}")
+    if plot is not None:
+        print(f"Learning curves (validation force and energy MAE vs epoch, DeNS/plain): {plot}")
     print(f"Logs, checkpoints and tensorboard files: {out}")
     return 0
 

@@ -227,3 +227,37 @@ def test_demo_runs_end_to_end_and_prints_baseline_and_both_models(tmp_path) -> N
         name = "DeNS" if variant == "dens" else "plain"
         assert float(rows[name][1]) == round(curve[0]["forces_mae"], 4)
     assert summary[5].startswith("Reading: plain and DeNS ")
+    png = tmp_path / "md17" / "learning_curves.png"
+    assert f"Learning curves (validation force and energy MAE vs epoch, DeNS/plain): {png}" \
+        in proc.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_curves_draws_both_runs_the_baselines_and_the_ratio(tmp_path) -> None:
+    import matplotlib.pyplot as plt
+
+    from fairchem_dens.demo import plot_curves
+
+    curve = [{"epoch": e, "forces_mae": 0.3 / e, "energy_mae": 0.1 / e} for e in (1.0, 2.0, 3.0)]
+    dens = [{**m, "forces_mae": m["forces_mae"] * 0.9} for m in curve]
+    results = {"plain": {"curve": curve}, "dens": {"curve": dens}}
+    drawn = {}
+    real_savefig = plt.Figure.savefig
+
+    def spy(fig, path, **kwargs):
+        drawn["axes"] = [[(list(l.get_xdata()), list(l.get_ydata())) for l in ax.get_lines()]
+                         for ax in fig.axes]
+        return real_savefig(fig, path, **kwargs)
+
+    plt.Figure.savefig = spy
+    try:
+        path = plot_curves(results, BASELINE, tmp_path / "curves.png", "MD17 ethanol, eqv2")
+    finally:
+        plt.Figure.savefig = real_savefig
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    forces, energy, ratio = drawn["axes"]
+    assert forces[0][0] == [1.0, 2.0, 3.0]  # plain, vs epoch
+    assert forces[0][1] == pytest.approx([0.3, 0.15, 0.1])
+    assert forces[2][1] == [BASELINE["forces_mae"]] * 2  # zero-force baseline line
+    assert energy[2][1] == [BASELINE["energy_mae"]] * 2
+    assert ratio[0][1] == pytest.approx([0.9] * 3) and ratio[1][1] == pytest.approx([1.0] * 3)
