@@ -58,6 +58,7 @@ from runner import (
     REPO,
     Result,
     Run,
+    checkpoint_interval,
     eval_interval,
     execute_all,
     load_result,
@@ -90,6 +91,13 @@ MLEARN_PUBLISHED_FORCE_MAE: dict[str, dict[str, float | None]] = {
     "mlearn_si": {"GAP": None, "MTP": None, "NNP": None, "SNAP": None},
     "mlearn_mo": {"GAP": None, "MTP": None, "NNP": None, "SNAP": None},
 }
+#: Wall seconds per training step of one 1-thread run on the 2-core machine (minutes/run of the
+#: result tables over their steps, rounded up); sets the steps between checkpoints
+#: (CHECKPOINT_MINUTES apart). Only the checkpoint spacing depends on it, never the training.
+STEP_SECONDS = {"oc20": 3.0, "md17": 0.5, "md17_sigma_e": 0.5, "md17_sigma_e_200": 0.5,
+                "mlearn_si": 3.0, "mlearn_mo": 3.0, "mlearn_si_stress": 3.0,
+                "mlearn_mo_stress": 3.0}
+CHECKPOINT_MINUTES = 5.0
 MLEARN_PUBLISHED_FORCE_MAE["mlearn_si_stress"] = MLEARN_PUBLISHED_FORCE_MAE["mlearn_si"]
 MLEARN_PUBLISHED_FORCE_MAE["mlearn_mo_stress"] = MLEARN_PUBLISHED_FORCE_MAE["mlearn_mo"]
 
@@ -262,6 +270,8 @@ def plan(suite: Suite, out: Path) -> tuple[list[Run], dict[str, datasets.Dataset
                            *extra,
                            *variant.overrides()],
                 eval_every=every,
+                checkpoint_every=checkpoint_interval(every, STEP_SECONDS.get(name, 1.0),
+                                                     CHECKPOINT_MINUTES),
             ))
     return runs, data
 
@@ -367,16 +377,17 @@ def summarise(suite: Suite, results: dict[str, Result],
     return "\n".join(lines), summary
 
 
-def last_train_forces_mae(log: Path) -> float | None:
+def last_train_forces_mae(run: Run) -> float | None:
     """The last training ``forces_mae`` fairchem logged (mean over its ``print_every`` window;
-    on DeNS runs over uncorrupted atoms), eV/Å."""
+    on DeNS runs over uncorrupted atoms), eV/Å, from the last log segment that has one."""
     import re
 
-    if not log.exists():
-        return None
-    values = [float(m.group(1)) for line in log.read_text().splitlines() if "step:" in line
-              for m in [re.search(r"forces_mae: ([0-9.eE+-]+)", line)] if m]
-    return values[-1] if values else None
+    for _, log in reversed(run.logs()):
+        values = [float(m.group(1)) for line in log.read_text().splitlines() if "step:" in line
+                  for m in [re.search(r"forces_mae: ([0-9.eE+-]+)", line)] if m]
+        if values:
+            return values[-1]
+    return None
 
 
 def evaluate_test(run: Run, test_src: Path, threads: int = 1) -> dict[str, float] | None:
@@ -390,7 +401,7 @@ def evaluate_test(run: Run, test_src: Path, threads: int = 1) -> dict[str, float
     cache = run.out / "test_metrics.json"
     if cache.exists() and json.loads(cache.read_text()).get("key") == run.key():
         return json.loads(cache.read_text())["metrics"]
-    checkpoints = sorted(run.out.glob("checkpoints/*/checkpoint.pt"))
+    checkpoints = sorted(run.out.glob("checkpoints/*/checkpoint.pt"), key=lambda p: p.stat().st_mtime)
     if not checkpoints:
         return None
     cmd = [*run.command(), "--checkpoint", str(checkpoints[-1]), f"--dataset.val.src={test_src}"]
@@ -463,6 +474,33 @@ def plot(suite: Suite, results: dict[str, Result], path: Path,
     save_figure(fig, path)
 
 
+def background(argv: list[str], args: argparse.Namespace) -> int:
+    """Start ``accuracy.py`` with ``argv`` minus ``--background`` in a new session (``setsid``,
+    immune to the shell's hang-up), output appended to ``runs/benchmarks/accuracy/<suite>.log``,
+    its pid in ``<suite>.pid`` next to it."""
+    import os
+    import subprocess
+
+    name = "quick" if args.quick else args.suite
+    name += "_smoke" if args.smoke else ""
+    log_dir = REPO / "runs" / "benchmarks" / "accuracy"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log, pid_file = log_dir / f"{name}.log", log_dir / f"{name}.pid"
+    cmd = [sys.executable, "-u", str(Path(__file__).resolve()),
+           *[a for a in argv if a != "--background"]]
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    with log.open("a") as out:
+        out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S %Z')}: {' '.join(cmd)}\n")
+        out.flush()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=REPO, env=env, start_new_session=True)
+    pid_file.write_text(f"{proc.pid}\n")
+    print(f"started {name} in the background: pid {proc.pid}, log {log}\n"
+          f"  progress: tail -f {log}\n  stop: kill -- -{proc.pid}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -484,9 +522,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true",
                         help="run nothing: summarise the finished runs of the suite")
     parser.add_argument("--threads", type=int, default=1, help="threads per run (default 1)")
+    parser.add_argument("--restart", action="store_true",
+                        help="discard the checkpoints of unfinished runs and start them over "
+                        "(needed when a run's config changed since its checkpoint); finished "
+                        "runs are still reused")
+    parser.add_argument("--background", action="store_true",
+                        help="start this command detached from the shell (setsid nohup), "
+                        "logging to runs/benchmarks/accuracy/<suite>.log; see BENCHMARKS.md, "
+                        "'Long runs across sessions'")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "benchmarks" / "accuracy")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
+    if args.background:
+        return background(sys.argv[1:] if argv is None else argv, args)
 
     suite = SUITES["quick" if args.quick else args.suite]
     if args.epochs:
@@ -518,13 +566,13 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(f"not finished (left out): {missing}")
     else:
-        results = execute_all(runs, jobs=args.jobs, threads=args.threads)
+        results = execute_all(runs, jobs=args.jobs, threads=args.threads, restart=args.restart)
     extras = {}
     for run in runs:
         if run.name not in results:
             continue
         extras[run.name] = {}
-        train_mae = last_train_forces_mae(run.out / "train.log")
+        train_mae = last_train_forces_mae(run)
         if train_mae is not None:
             extras[run.name]["train_forces_mae"] = train_mae
         test_src = data[run.name.split("/")[0]].lmdb_dir / "test"

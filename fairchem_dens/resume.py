@@ -13,6 +13,19 @@ DeNS; :class:`ExactResumeMixin` fixes each at the narrowest seam:
   ``scheduler.step()`` behind; see :meth:`ExactResumeMixin._align_scheduler_with_step`.
 * **atomic save** (``save``): written under a temporary name and renamed into place, so a
   preemption during a save never leaves a half-written ``checkpoint.pt``.
+* **checkpoints at evaluation steps** (``save`` / ``update_best``): fairchem's loop writes the
+  periodic checkpoint of step s *before* the validation of step s, which draws from the global
+  generator (EquiformerV2's and eSCN's edge rolls); a resume from it would skip that validation
+  and continue with the generators of before it. During training such a save is deferred until
+  the validation of its step is done, so the checkpoint holds the state from which the
+  uninterrupted run goes on to step s + 1 (and the validation of step s is in the log of the run
+  that wrote it).
+* **the final checkpoint** (``train``): with ``checkpoint_every`` not dividing the number of
+  steps, fairchem leaves ``checkpoint.pt`` at the last multiple; it is written at the end too.
+* **mid-epoch resume** (``train``): making the train loader's iterator draws from the global
+  generator (torch's DataLoader seeds); the uninterrupted run did it at the start of the epoch,
+  a run resumed mid-epoch does it again when it starts, so there the saved states are restored
+  right after that draw (at an epoch boundary both runs draw, and they are restored before it).
 
 The checkpoint is fairchem's own plus one config entry (``rng_state``), which fairchem's own
 trainers ignore when they load it (``OCPCalculator`` picks the class named in
@@ -48,6 +61,10 @@ class ExactResumeMixin:
     checkpoint), so the checkpoint reloads with this class."""
 
     _pending_rng_state: dict[str, Any] | None = None
+    _in_training = False  # inside train(): periodic saves at evaluation steps are deferred
+    _validated_step: int | None = None  # the step of the last validation during training
+    _deferred_save: dict[str, Any] | None = None
+    _checkpoint_step: int | None = None  # the step of the last training-state checkpoint.pt
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -74,9 +91,41 @@ class ExactResumeMixin:
 
     def train(self, disable_eval_tqdm: bool = False) -> None:
         state, self._pending_rng_state = self._pending_rng_state, None
-        if state is not None:
+        loader = getattr(self, "train_loader", None)
+        mid_epoch = state is not None and loader is not None and self.step % len(loader) != 0
+        if state is not None and not mid_epoch:
             rng.restore(state)  # the global generators continue where the saved run stood
-        super().train(disable_eval_tqdm=disable_eval_tqdm)
+        if mid_epoch:  # after the loop's iter(train_loader), which the saved run did earlier
+            self.train_loader = _RestoreAfterIter(loader, state)
+        self._in_training = True
+        try:
+            super().train(disable_eval_tqdm=disable_eval_tqdm)
+        finally:
+            self._in_training = False
+            if isinstance(self.train_loader, _RestoreAfterIter):
+                self.train_loader = self.train_loader.loader
+        if self._checkpoint_step != self.step:  # the last periodic one was of an earlier step
+            self.save(checkpoint_file="checkpoint.pt", training_state=True)
+
+    def update_best(self, primary_metric, val_metrics, disable_eval_tqdm: bool = True) -> None:
+        """fairchem's ``update_best`` (the loop calls it right after a validation), then the
+        periodic checkpoint of this step if ``save`` deferred it."""
+        super().update_best(primary_metric, val_metrics, disable_eval_tqdm=disable_eval_tqdm)
+        self._validated_step = self.step
+        deferred, self._deferred_save = self._deferred_save, None
+        if deferred is not None:
+            self.save(**deferred)
+
+    def _defers_save(self, checkpoint_file: str, training_state: bool) -> bool:
+        """Whether a save is the loop's periodic checkpoint of a step whose validation is still
+        to come (fairchem validates when ``step % eval_every == 0``, after that save)."""
+        if not (self._in_training and training_state and checkpoint_file == "checkpoint.pt"):
+            return False
+        if getattr(self, "val_loader", None) is None or self.step == self._validated_step:
+            return False
+        loader = getattr(self, "train_loader", None)
+        eval_every = self.config["optim"].get("eval_every", len(loader) if loader else 0)
+        return bool(eval_every) and self.step % eval_every == 0
 
     def _align_scheduler_with_step(self) -> None:
         """fairchem's training loop saves its periodic checkpoint (``checkpoint_every``) after
@@ -107,6 +156,10 @@ class ExactResumeMixin:
           in the middle of the training loop's own ``save`` of the same ``checkpoint.pt`` and then
           exits the process, which with fairchem's direct ``torch.save`` leaves a corrupt file.
         """
+        if self._defers_save(checkpoint_file, training_state):
+            self._deferred_save = {"metrics": metrics, "checkpoint_file": checkpoint_file,
+                                   "training_state": training_state}
+            return os.path.join(self.config["cmd"]["checkpoint_dir"], checkpoint_file)
         config = self.config
         if training_state:
             self.config = {**config, rng.RNG_STATE_KEY: rng.capture()}
@@ -119,7 +172,31 @@ class ExactResumeMixin:
             return None
         path = os.path.join(os.path.dirname(tmp_path), os.path.basename(checkpoint_file))
         os.replace(tmp_path, path)
+        if training_state and os.path.basename(checkpoint_file) == "checkpoint.pt":
+            self._checkpoint_step = self.step
         return path
+
+
+class _RestoreAfterIter:
+    """The train loader for the first ``iter()`` of a mid-epoch resume: restores the saved
+    generator states right after the iterator is made (fairchem's loop takes only ``len`` and
+    ``iter`` of it; any other attribute comes from the loader)."""
+
+    def __init__(self, loader, state: dict[str, Any]) -> None:
+        self.loader, self.state = loader, state
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        iterator = iter(self.loader)
+        if self.state is not None:
+            rng.restore(self.state)
+            self.state = None
+        return iterator
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
 
 
 class ExactResumeForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
