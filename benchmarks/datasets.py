@@ -43,6 +43,8 @@ OC20_STRIDE = 4
 MD17_CHUNK = 100
 MD17_TRAIN_CHUNKS = range(10)
 MD17_VAL_CHUNKS = range(15, 20)
+MD17_TEST_CHUNKS = range(10, 15)  # held out by every suite before ``scaling``; its test part
+MD17_SCALING_SIZES = (100, 200, 1000)
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,34 @@ def md17_sigma_e(cache: Path = CACHE) -> Dataset:
     return Dataset("md17_sigma_e", out, "md17")
 
 
+def md17_scaling(frames: int, cache: Path = CACHE) -> Dataset:
+    """MD17 ethanol with ``frames`` training frames (the first ``frames // 100`` chunks), the
+    validation chunks of ``md17`` (15-19, 500 frames) and a test part of its own, chunks 10-14
+    (500 frames no other suite used). Normalisers and references are fitted on the ``frames``
+    training frames only; forces / sigma_E as ``md17_sigma_e`` (the authors' MD17 scale)."""
+    from ase.io import read, write
+
+    if frames % MD17_CHUNK or not 0 < frames <= MD17_CHUNK * len(MD17_TRAIN_CHUNKS):
+        raise ValueError(f"md17_scaling: frames={frames} must be a multiple of {MD17_CHUNK} "
+                         f"up to {MD17_CHUNK * len(MD17_TRAIN_CHUNKS)}")
+    chunks = cache / "raw" / "md17_ethanol_all_chunks"
+    if not (chunks / ".complete").exists():
+        with lzma.open(_require(SHARED_DATA / "md17_ethanol" / "ethanol_sampledata.xyz.xz"),
+                       "rt") as f:
+            all_frames = read(f, index=":", format="extxyz")
+        chunks.mkdir(parents=True, exist_ok=True)
+        for i in range(len(all_frames) // MD17_CHUNK):
+            write(chunks / f"ethanol_{i:02d}.extxyz",
+                  all_frames[MD17_CHUNK * i:MD17_CHUNK * (i + 1)])
+        (chunks / ".complete").touch()
+    used = [*range(frames // MD17_CHUNK), *MD17_TEST_CHUNKS, *MD17_VAL_CHUNKS]
+    out = _convert(cache / f"md17_ethanol_scaling_{frames}",
+                   inputs=[str(chunks / f"ethanol_{i:02d}.extxyz") for i in used],
+                   energy_unit="kcal/mol", val_systems=tuple(MD17_VAL_CHUNKS),
+                   test_systems=tuple(MD17_TEST_CHUNKS), forces_normalizer="energy_std")
+    return Dataset(f"md17_scaling_{frames}", out, "md17")
+
+
 MLEARN_VAL_EVERY = 10  # every 10th structure of mlearn's training split validates
 
 
@@ -203,4 +233,5 @@ DATASETS = {"oc20": oc20, "md17": md17, "md17_sigma_e": md17_sigma_e,
             "md17_sigma_e_200": md17_sigma_e,  # the same data; the suite keeps 200 frames
             "mlearn_si": lambda: mlearn("Si"), "mlearn_mo": lambda: mlearn("Mo"),
             "mlearn_si_stress": lambda: mlearn("Si", stress=True),
-            "mlearn_mo_stress": lambda: mlearn("Mo", stress=True)}
+            "mlearn_mo_stress": lambda: mlearn("Mo", stress=True),
+            **{f"md17_scaling_{n}": (lambda n=n: md17_scaling(n)) for n in MD17_SCALING_SIZES}}
