@@ -251,9 +251,11 @@ class DeNSConfig:
     def multi_scale(self) -> bool:
         return self.std is None
 
-    def sigma_schedule(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Noise scales in Angstrom, shape ``[T]`` (``[1]`` for a fixed std), increasing."""
-        return torch.tensor(self._sigmas, dtype=dtype)
+    def sigma_schedule(self, dtype: torch.dtype = torch.float32,
+                       device: torch.device | str = "cpu") -> torch.Tensor:
+        """Noise scales in Angstrom, shape ``[T]`` (``[1]`` for a fixed std), increasing; on the
+        host unless ``device`` says otherwise (the corruption is drawn there)."""
+        return torch.tensor(self._sigmas, dtype=dtype, device=device)
 
     @property
     def target_scale(self) -> float | None:

@@ -7,7 +7,7 @@ atom), whatever the outcome, so the stream of a run depends only on its seed and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -17,6 +17,11 @@ from fairchem_dens.config import DeNSConfig
 # Attributes the trainer attaches to the (copied) batch the model sees on a DeNS step.
 DENS_MASK_KEY = "dens_corrupted"  # bool [n_atoms]: atom was corrupted
 DENS_FORCES_KEY = "dens_forces"  # float [n_atoms, 3]: normalised original forces to encode
+DENS_INDEX_KEY = "dens_corrupted_index"  # long [n_corrupted]: the corrupted atoms, ascending
+
+#: the host, where the corruption is drawn (explicit, so a default device set with
+#: ``torch.set_default_device`` cannot move the draw)
+HOST = torch.device("cpu")
 
 
 @dataclass
@@ -36,6 +41,14 @@ class Corruption:
     corrupted_structures: bool ``[B]``, structure has at least one corrupted atom (its
         per-structure labels other than the energy, e.g. stress, belong to the unperturbed
         structure; see ``optim.dens.uncorrupted_structure_targets``).
+    index: long ``[num_corrupted]``, the corrupted atoms in ascending order (``mask`` as
+        indices, built on the host: selecting rows with it needs no device sync).
+    free_uncorrupted_index: long ``[num_free_uncorrupted]``, the free uncorrupted atoms,
+        ascending (the atoms the forces term is trained on).
+    clean_structures: long ``[B']``, the structures without a corrupted atom, ascending
+        (``~corrupted_structures`` as indices: the rows of the uncorrupted-structure targets).
+    scored_structures: long ``[B'']``, the structures with at least one free uncorrupted
+        atom, ascending (the rows of the ``energy_forces_within_threshold`` metric).
     skipped: structures each enabled filter of :mod:`fairchem_dens.filters` kept out of DeNS
         this step, ``{optim.dens key: host int}`` (a structure flagged by two filters counts in
         both); empty when no filter is on.
@@ -49,20 +62,26 @@ class Corruption:
     num_corrupted: int
     num_free_uncorrupted: int
     corrupted_structures: torch.Tensor
+    index: torch.Tensor
+    free_uncorrupted_index: torch.Tensor
+    clean_structures: torch.Tensor
+    scored_structures: torch.Tensor
     skipped: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def num_structures(self) -> int:
+        """``B`` (a host int: a shape)."""
+        return self.selected.shape[0]
+
     def to(self, device: torch.device | str) -> Corruption:
-        return Corruption(
-            self.mask.to(device),
-            self.noise.to(device),
-            self.target.to(device),
-            self.sigma.to(device),
-            self.selected.to(device),
-            self.num_corrupted,
-            self.num_free_uncorrupted,
-            self.corrupted_structures.to(device),
-            dict(self.skipped),
-        )
+        """Every tensor moved to ``device`` once (``non_blocking``: the host values are not
+        read back); the host counts stay host ints."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if torch.is_tensor(value):
+                moved[name] = value.to(device, non_blocking=True)
+        moved["skipped"] = dict(self.skipped)
+        return Corruption(**moved)
 
 
 def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
@@ -96,21 +115,24 @@ def sample_corruption(
 
     Returns
     -------
-    A :class:`Corruption` on the CPU.
+    A :class:`Corruption` on the host (CPU): every decision and count is made there, from the
+    loader's CPU batch, before the batch moves to the device.
     """
-    natoms = natoms.detach().cpu().long()
+    natoms = natoms.detach().to(HOST).long()
     num_structures, num_atoms = natoms.numel(), int(natoms.sum())
-    structure_of_atom = torch.repeat_interleave(torch.arange(num_structures), natoms)
+    structure_of_atom = torch.repeat_interleave(torch.arange(num_structures, device=HOST), natoms)
 
+    # float32 coins whatever the default dtype: the stream must not depend on it
     num_coins = num_structures if cfg.selection == "structure" else 1
-    coins = torch.rand(num_coins, generator=generator)
-    sigma_index = torch.randint(len(cfg.sigma_schedule()), (num_structures,), generator=generator)
-    atom_coins = torch.rand(num_atoms, generator=generator)
-    normals = torch.randn(num_atoms, 3, generator=generator, dtype=torch.float64)
+    sigmas = cfg.sigma_schedule(torch.float64)  # [T] Angstrom
+    coins = torch.rand(num_coins, generator=generator, dtype=torch.float32, device=HOST)
+    sigma_index = torch.randint(len(sigmas), (num_structures,), generator=generator, device=HOST)
+    atom_coins = torch.rand(num_atoms, generator=generator, dtype=torch.float32, device=HOST)
+    normals = torch.randn(num_atoms, 3, generator=generator, dtype=torch.float64, device=HOST)
 
     selected = (coins < cfg.prob).expand(num_structures).clone()
     if skip is not None:
-        skip = skip.detach().cpu().view(-1)
+        skip = skip.detach().to(HOST).view(-1)
         if skip.numel() != num_structures:
             raise ValueError(
                 f"DeNS skip flag '{cfg.skip_key}' has {skip.numel()} values for "
@@ -118,29 +140,41 @@ def sample_corruption(
             )
         selected &= skip == 0
 
-    free = torch.ones(num_atoms, dtype=torch.bool)
+    free = torch.ones(num_atoms, dtype=torch.bool, device=HOST)
     if fixed is not None:
-        free = fixed.detach().cpu().view(-1) == 0
-    eligible = torch.ones(num_atoms, dtype=torch.bool) if cfg.all_atoms else free
+        free = fixed.detach().to(HOST).view(-1) == 0
+    eligible = torch.ones(num_atoms, dtype=torch.bool, device=HOST) if cfg.all_atoms else free
     mask = selected[structure_of_atom] & eligible & (atom_coins < cfg.corrupt_ratio)
 
-    sigma = torch.where(
-        selected, cfg.sigma_schedule(torch.float64)[sigma_index], torch.zeros((), dtype=torch.float64)
-    )
+    zero = torch.zeros((), dtype=torch.float64, device=HOST)
+    sigma = torch.where(selected, sigmas[sigma_index], zero)
     sigma_of_atom = sigma[structure_of_atom].unsqueeze(-1)
-    noise = torch.where(mask.unsqueeze(-1), normals * sigma_of_atom, torch.zeros(()))
+    noise = torch.where(mask.unsqueeze(-1), normals * sigma_of_atom, zero)
     scale = cfg.target_scale
     divisor = torch.full_like(sigma_of_atom, scale) if scale is not None else sigma_of_atom
-    target = torch.where(mask.unsqueeze(-1), noise / divisor.clamp_min(1e-12), torch.zeros(()))
-    corrupted_structures = torch.zeros(num_structures, dtype=torch.bool)
-    corrupted_structures[structure_of_atom[mask]] = True
+    target = torch.where(mask.unsqueeze(-1), noise / divisor.clamp_min(1e-12), zero)
+    corrupted_structures = _structures_with(structure_of_atom, mask, num_structures)
+    scored = _structures_with(structure_of_atom, free & ~mask, num_structures)
+    index, free_uncorrupted_index = mask.nonzero().view(-1), (free & ~mask).nonzero().view(-1)
     return Corruption(
         mask=mask,
         noise=noise.to(dtype),
         target=target.to(dtype),
         sigma=sigma.to(dtype),
         selected=selected,
-        num_corrupted=int(mask.sum()),
-        num_free_uncorrupted=int((free & ~mask).sum()),
+        num_corrupted=index.numel(),
+        num_free_uncorrupted=free_uncorrupted_index.numel(),
         corrupted_structures=corrupted_structures,
+        index=index,
+        free_uncorrupted_index=free_uncorrupted_index,
+        clean_structures=(~corrupted_structures).nonzero().view(-1),
+        scored_structures=scored.nonzero().view(-1),
     )
+
+
+def _structures_with(structure_of_atom: torch.Tensor, atoms: torch.Tensor,
+                     num_structures: int) -> torch.Tensor:
+    """bool ``[B]``: the structure holds at least one atom of ``atoms`` (bool ``[N]``); host."""
+    found = torch.zeros(num_structures, dtype=torch.bool, device=HOST)
+    found[structure_of_atom[atoms]] = True
+    return found

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from fairchem_dens.config import DeNSConfig, DeNSConfigError
+from fairchem_dens.corruption import HOST
 
 # Filter name (the optim.dens key) -> training metric counting the structures it skipped.
 FILTER_KEYS = ("max_force_norm", "min_num_atoms", "max_stress")
@@ -46,7 +47,7 @@ def filter_flags(
     ``max_force_norm``: the largest per-atom force norm exceeds it; ``min_num_atoms``: fewer
     atoms than it; ``max_stress``: the largest absolute stress component exceeds it.
     """
-    natoms = natoms.detach().cpu().long().view(-1)
+    natoms = natoms.detach().to(HOST).long().view(-1)
     flags: dict[str, torch.Tensor] = {}
     if cfg.max_force_norm is not None:
         if forces is None:
@@ -54,9 +55,10 @@ def filter_flags(
                 f"optim.dens.max_force_norm={cfg.max_force_norm!r} filters structures by their "
                 f"largest force, but the training batch has no '{cfg.forces_key}': add forces "
                 "to the data (or name them with optim.dens.forces_key), or remove max_force_norm")
-        norms = forces.detach().cpu().view(-1, 3).double().norm(dim=-1)  # [N] eV/A
-        structure_of_atom = torch.repeat_interleave(torch.arange(natoms.numel()), natoms)
-        largest = torch.zeros(natoms.numel(), dtype=norms.dtype).scatter_reduce(
+        norms = forces.detach().to(HOST).view(-1, 3).double().norm(dim=-1)  # [N] eV/A
+        structure_of_atom = torch.repeat_interleave(
+            torch.arange(natoms.numel(), device=HOST), natoms)
+        largest = torch.zeros(natoms.numel(), dtype=norms.dtype, device=HOST).scatter_reduce(
             0, structure_of_atom, norms, reduce="amax", include_self=True)
         flags["max_force_norm"] = largest > cfg.max_force_norm
     if cfg.min_num_atoms is not None:
@@ -73,6 +75,6 @@ def filter_flags(
                 f"optim.dens.max_stress: the batch's '{cfg.stress_key}' has shape "
                 f"{tuple(stress.shape)} for {natoms.numel()} structures; it must hold one 3x3 "
                 "stress per structure ([B, 3, 3]); fix the data or optim.dens.stress_key")
-        stress = stress.detach().cpu().double().reshape(natoms.numel(), 9)
+        stress = stress.detach().to(HOST).double().reshape(natoms.numel(), 9)
         flags["max_stress"] = stress.abs().amax(dim=1) > cfg.max_stress
     return flags

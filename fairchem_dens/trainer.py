@@ -55,6 +55,7 @@ from fairchem_dens import pretrain
 from fairchem_dens.config import DeNSConfig, DeNSConfigError
 from fairchem_dens.corruption import (
     DENS_FORCES_KEY,
+    DENS_INDEX_KEY,
     DENS_MASK_KEY,
     Corruption,
     sample_corruption,
@@ -249,7 +250,8 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
                 f"optim.dens.loss_fn is unset and loss_functions has no '{self.dens.forces_key}' "
                 "entry to copy it from: set optim.dens.loss_fn (e.g. l2mae)"
             )
-        self.dens_loss_fn = ZeroSafeDDPLoss(loss_name, "mean")
+        # no isfinite() test (a host sync): non-finite noise predictions are zeroed regardless
+        self.dens_loss_fn = ZeroSafeDDPLoss(loss_name, "mean", check_finite=False)
         if self.dens.reduction == "shared_free_atoms" and loss_name != "l2mae":
             raise DeNSConfigError(
                 f"optim.dens.reduction: shared_free_atoms sums per-atom L2 errors of forces and "
@@ -391,6 +393,7 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
         noisy = copy.copy(batch)
         noisy.pos = batch.pos + step.noise
         noisy[DENS_MASK_KEY] = step.mask
+        noisy[DENS_INDEX_KEY] = step.index  # the noise heads gather rows without a sync
         if self.dens.encode_forces:
             forces = batch[self.dens.forces_key]
             if self.dens.forces_key in self.normalizers:
@@ -415,10 +418,10 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
             return self._dens_loss(out, batch, step)
         # the uncorrupted-structure targets (stress) over the uncorrupted structures only; the
         # terms keep their order, so DDP all-reduces match across ranks
-        all_terms, keep = self.loss_functions, ~step.corrupted_structures
+        all_terms, keep = self.loss_functions, step.clean_structures  # host-built indices
         self.loss_functions = [
-            (t, {**info, "fn": StructureSubsetLoss(info["fn"], keep)} if t in self._clean_only
-             else info) for t, info in all_terms]
+            (t, {**info, "fn": StructureSubsetLoss(info["fn"], keep, step.num_structures)}
+             if t in self._clean_only else info) for t, info in all_terms]
         try:
             return self._dens_loss(out, batch, step)
         finally:
@@ -441,7 +444,8 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
         if step is None:  # DeNS disabled (prob = 0): plain training
             return loss
         if step.num_corrupted > 0:
-            pred, target = out[NOISE_PRED_KEY][step.mask], step.target[step.mask]
+            pred, target = (x.index_select(0, step.index) for x in (out[NOISE_PRED_KEY],
+                                                                    step.target))
         else:
             pred = target = batch.pos.new_zeros((0, 3))
         denoising = self.dens_loss_fn(pred, target, natoms=batch.natoms)
@@ -466,7 +470,10 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
             step.target if noisy else target, batch.fixed == 0, corrupted.view(-1).bool(),
             lambda_f, self.dens_coefficient(),
             # host counts of the draw: corrupted and free uncorrupted atoms are disjoint
-            None if step is None else step.num_corrupted + step.num_free_uncorrupted)
+            None if step is None else step.num_corrupted + step.num_free_uncorrupted,
+            # host-built row indices (no boolean indexing on the device)
+            None if step is None else step.free_uncorrupted_index,
+            None if step is None else step.index)
 
     def _free_atom_target(self, target: str) -> bool:
         spec = self.output_targets[target]
@@ -527,7 +534,8 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
             metrics = self._scored_metrics(plain_out, batch, evaluator, metrics,
                                            step.num_free_uncorrupted)
         if step is not None and step.num_corrupted > 0:
-            stats = denoising_metrics(out[NOISE_PRED_KEY][step.mask], step.target[step.mask])
+            stats = denoising_metrics(out[NOISE_PRED_KEY].index_select(0, step.index),
+                                      step.target.index_select(0, step.index))
             for name, stat in stats.items():
                 metrics = evaluator.update(name, stat, metrics)
         return metrics
@@ -547,8 +555,8 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
         structure_targets = {t for t, s in self.output_targets.items() if s["level"] == "system"}
         scored = ScoredStructuresEvaluator(
             evaluator, skip=free_atom_targets if num_scored == 0 else (),
-            structure_rows=dict.fromkeys(self._clean_only_metrics(), ~step.corrupted_structures),
-            structure_natoms=(structure_targets, free_atoms))
+            structure_rows=dict.fromkeys(self._clean_only_metrics(), step.clean_structures),
+            structure_natoms=(structure_targets, free_atoms), scored_rows=step.scored_structures)
         if num_scored > 0:
             return super()._compute_metrics(out, view, scored, metrics)
         targets = self.output_targets

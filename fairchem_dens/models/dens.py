@@ -16,7 +16,7 @@ import torch
 from fairchem.core.common import gp_utils
 from torch import nn
 
-from fairchem_dens.corruption import DENS_FORCES_KEY, DENS_MASK_KEY
+from fairchem_dens.corruption import DENS_FORCES_KEY, DENS_INDEX_KEY, DENS_MASK_KEY
 from fairchem_dens.force_encoding import ForceEncoding
 
 if TYPE_CHECKING:
@@ -127,6 +127,8 @@ class DeNSNoiseHeadMixin:
     what the corrupted atoms' outputs depend on) and, when its head then returns fewer rows,
     ``_expand(out, mask)``. ``restrict_to_corrupted=False`` runs the stock head over the whole
     batch (kept for measurement); so does graph parallelism, which partitions nodes and edges.
+    A subclass that gathers the corrupted atoms' rows takes their indices from
+    :meth:`corrupted_atoms` (the trainer's host-built ``data[DENS_INDEX_KEY]``: no device sync).
     """
 
     output_name: str
@@ -136,6 +138,7 @@ class DeNSNoiseHeadMixin:
         with torch.random.fork_rng(devices=[]):
             super().__init__(*args, **kwargs)
         self._restrict_to_corrupted = restrict_to_corrupted
+        self._corrupted_index: torch.Tensor | None = None
 
     @property
     def restrict_to_corrupted(self) -> bool:
@@ -149,10 +152,19 @@ class DeNSNoiseHeadMixin:
         if not self.restrict_to_corrupted or gp_utils.initialized():
             return super().forward(data, emb)
         mask = data[DENS_MASK_KEY].bool()  # [N]; a no-op on the trainer's bool mask
+        self._corrupted_index = data[DENS_INDEX_KEY] if DENS_INDEX_KEY in data else None
         restricted = self._restrict(emb, mask)
         if restricted is None:  # nothing corrupted: nothing to compute, every row is zero
             return {self.output_name: data.pos.new_zeros(mask.shape[0], 3)}
         return self._expand(super().forward(data, restricted), mask)
+
+    def corrupted_atoms(self, mask: torch.Tensor) -> torch.Tensor:
+        """long ``[M]``: the corrupted atoms of this forward, ascending, i.e. ``mask`` (bool
+        ``[N]``) as indices: the trainer's host-built ones when the batch carries them, else
+        ``mask.nonzero()`` (one device sync, kept for the rest of the forward)."""
+        if self._corrupted_index is None:
+            self._corrupted_index = mask.nonzero().view(-1)
+        return self._corrupted_index
 
     def _restrict(self, emb: dict[str, Any], mask: torch.Tensor) -> dict[str, Any] | None:
         """``emb`` cut down to what the outputs of the atoms in ``mask`` (bool ``[N]``) depend

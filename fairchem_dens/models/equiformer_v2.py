@@ -80,7 +80,8 @@ class DeNSEquiformerV2NoiseHead(DeNSNoiseHeadMixin, EqV2VectorHead):
     def _restrict(self, emb: dict[str, Any], mask: torch.Tensor) -> dict[str, Any] | None:
         graph = emb["graph"]
         # edges into corrupted atoms, in their original order (so per-atom sums add in the
-        # same order); nonzero is this head's one host<->device sync
+        # same order); nonzero is this head's one host<->device sync, which the trainer's
+        # host-built atom indices cannot spare: the edges are built on the device (otf_graph)
         edges = mask[graph.edge_index[1]].nonzero().squeeze(1)  # [E']
         if edges.numel() == 0:
             return None

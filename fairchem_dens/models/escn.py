@@ -42,13 +42,16 @@ class DeNSeSCNNoiseHead(ForceHeadNoiseMixin, eSCNForceHead):
     (default) it runs on the corrupted atoms' samples only; other rows are zero."""
 
     def _restrict(self, emb: dict[str, Any], mask: torch.Tensor) -> dict[str, Any] | None:
+        atoms = self.corrupted_atoms(mask)  # [N'], host-built by the trainer: no sync
+        if atoms.numel() == 0:
+            return None
         values = emb["sphere_values"]  # [N * S, C], S sphere samples per atom
         per_atom = values.view(mask.shape[0], self.force_block.num_sphere_samples, -1)
-        selected = per_atom[mask]  # [N', S, C]
-        return {**emb, "sphere_values": selected.flatten(0, 1)} if len(selected) else None
+        selected = per_atom.index_select(0, atoms)  # [N', S, C]
+        return {**emb, "sphere_values": selected.flatten(0, 1)}
 
     def _expand(self, out: dict[str, torch.Tensor], mask: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
-        rows = mask.unsqueeze(1)  # [N, 1]: the corrupted rows, filled in order
-        return {key: value.new_zeros(mask.shape[0], 3).masked_scatter(rows, value)
+        atoms = self.corrupted_atoms(mask)  # the corrupted rows, filled in order
+        return {key: value.new_zeros(mask.shape[0], 3).index_copy(0, atoms, value)
                 for key, value in out.items()}  # [N', 3] -> [N, 3]
