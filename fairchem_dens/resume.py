@@ -48,6 +48,7 @@ from fairchem.core.models.equiformer_v2.trainers.forces_trainer import (
 )
 
 from fairchem_dens import rng
+from fairchem_dens.setup_checks import warn_unlearnable_targets
 
 __all__ = ["ExactResumeForcesTrainer", "ExactResumeMixin"]
 
@@ -207,3 +208,8 @@ class ExactResumeForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["name"] = "s2ef"
         super().__init__(*args, **kwargs)
+
+    def load_loss(self) -> None:
+        """fairchem's, then the set-up warnings of :mod:`fairchem_dens.setup_checks`."""
+        super().load_loss()
+        warn_unlearnable_targets(self.config, self.normalizers)

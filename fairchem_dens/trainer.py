@@ -79,6 +79,7 @@ from fairchem_dens.models.dens import (
 from fairchem_dens.optim_config import with_scheduler_params
 from fairchem_dens.resume import ExactResumeMixin
 from fairchem_dens.schedule import CoefficientSchedule
+from fairchem_dens.setup_checks import warn_unlearnable_targets
 
 NOISE_PRED_KEY = "dens_noise"  # key of the noise prediction added to the trainer's outputs
 
@@ -234,6 +235,7 @@ class DenoisingForcesTrainer(ExactResumeMixin, EquiformerV2ForcesTrainer):
 
     def load_loss(self) -> None:
         super().load_loss()
+        warn_unlearnable_targets(self.config, self.normalizers)
         specs = [spec for entry in self.config["loss_functions"] for spec in entry.values()]
         self.loss_functions = [
             (target, {**info, "fn": ZeroSafeDDPLoss(spec["fn"], spec.get("reduction"))})
