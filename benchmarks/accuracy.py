@@ -361,8 +361,8 @@ def summarise(suite: Suite, results: dict[str, Result],
         stress_head = " val stress MAE (GPa) | test stress MAE (GPa) |" if stress else ""
         lines += ["| variant | seeds | val force MAE (eV/Å) |" + stress_head + " val energy MAE "
                   "(eV) | force MAE ratio to baseline (per seed) | force cos | train force MAE | "
-                  "test force MAE | minutes/run |",
-                  "|---|---|---|" + ("---|---|" if stress else "") + "---|---|---|---|---|---|"]
+                  "test force MAE | test energy MAE | minutes/run |",
+                  "|---|---|---|" + ("---|---|" if stress else "") + "---|---|---|---|---|---|---|"]
         for v in variants:
             runs = {s: results[f"{dataset}/{v.name}/seed{s}"] for s in suite.seeds
                     if f"{dataset}/{v.name}/seed{s}" in results}
@@ -380,7 +380,8 @@ def summarise(suite: Suite, results: dict[str, Result],
                 ratio_text += f" vs {v.baseline}"
             more = {key: [extras[f"{dataset}/{v.name}/seed{s}"][key] for s in runs
                           if key in extras.get(f"{dataset}/{v.name}/seed{s}", {})]
-                    for key in ("train_forces_mae", "test_forces_mae", "test_stress_mae")}
+                    for key in ("train_forces_mae", "test_forces_mae", "test_energy_mae",
+                                "test_stress_mae")}
             if not more["test_stress_mae"]:
                 del more["test_stress_mae"]
             stress_mae = [r.final["stress_mae"] for r in runs.values() if "stress_mae" in r.final]
@@ -393,6 +394,7 @@ def summarise(suite: Suite, results: dict[str, Result],
                          f"{_spread(energy)} | {ratio_text} | {statistics.mean(cos):.3f} | "
                          f"{_spread(more['train_forces_mae']) if more['train_forces_mae'] else '—'} | "
                          f"{_spread(more['test_forces_mae']) if more['test_forces_mae'] else '—'} | "
+                         f"{_spread(more['test_energy_mae']) if more['test_energy_mae'] else '—'} | "
                          f"{minutes:.1f} |")
             summary[f"{dataset}/{v.name}"] = {
                 "seeds": list(runs), "forces_mae": forces, "energy_mae": energy,
@@ -502,6 +504,42 @@ def plot(suite: Suite, results: dict[str, Result], path: Path,
     save_figure(fig, path)
 
 
+def plot_scaling(summary: dict, path: Path) -> Path | None:
+    """DeNS/plain force MAE ratio (validation, and test where measured) against the number of
+    training frames, one marker per seed and the mean, from the ``scaling`` suite's summary
+    (``md17_scaling_<frames>/dens`` entries); ``None`` when none has finished."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted(int(k.split("/")[0].rsplit("_", 1)[1]) for k in summary
+                   if k.startswith("md17_scaling_") and k.endswith("/dens"))
+    if not sizes:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for key, label, marker in (("forces_mae", "validation", "o"), ("test_forces_mae", "test", "s")):
+        for n in sizes:
+            dens, plain = summary[f"md17_scaling_{n}/dens"], summary[f"md17_scaling_{n}/plain"]
+            if not dens.get(key) or len(dens.get(key, [])) != len(plain.get(key, [])):
+                continue
+            ratios = [d / p for d, p in zip(dens[key], plain[key])]
+            ax.scatter([n] * len(ratios), ratios, marker=marker, alpha=0.4,
+                       color="C0" if key == "forces_mae" else "C1")
+            ax.scatter([n], [statistics.mean(ratios)], marker=marker, s=80,
+                       color="C0" if key == "forces_mae" else "C1",
+                       label=f"{label} (mean of seeds)" if n == sizes[0] else None)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.axhline(0.9, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("MD17 ethanol training frames")
+    ax.set_ylabel("DeNS / plain force MAE")
+    ax.set_title("Data scaling, conservative eSEN, at the plateau")
+    ax.legend()
+    save_figure(fig, path)
+    return path
+
+
 def background(argv: list[str], args: argparse.Namespace) -> int:
     """Start ``accuracy.py`` with ``argv`` minus ``--background`` in a new session (``setsid``,
     immune to the shell's hang-up), output appended to ``runs/benchmarks/accuracy/<suite>.log``,
@@ -608,6 +646,8 @@ def main(argv: list[str] | None = None) -> int:
             test = evaluate_test(run, test_src, args.threads)
             if test is not None:
                 extras[run.name]["test_forces_mae"] = test["forces_mae"]
+                if "energy_mae" in test:
+                    extras[run.name]["test_energy_mae"] = test["energy_mae"]
                 if "stress_mae" in test:
                     extras[run.name]["test_stress_mae"] = test["stress_mae"]
     stress_floors = {name: datasets.zero_stress_mae(ds.lmdb_dir, val_first_n.get(name))
@@ -616,6 +656,8 @@ def main(argv: list[str] | None = None) -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     png = args.results / f"accuracy_{suite.name}.png"
     plot(suite, results, png, floors)
+    if suite.name == "scaling":
+        plot_scaling(summary, args.results / "accuracy_scaling_ratio.png")
     curves = {name: {"steps": r.steps, "curve": r.curve, "minutes": r.minutes,
                      "command": r.command} for name, r in results.items()}
     (args.results / f"accuracy_{suite.name}.json").write_text(

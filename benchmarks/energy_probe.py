@@ -32,7 +32,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fairchem_dens.demo import DATA, train_command  # noqa: E402
+from fairchem_dens.demo import (  # noqa: E402
+    CONSERVATIVE_FORCES_NORMALIZER,
+    CONSERVATIVE_MODELS,
+    DATA,
+    train_command,
+)
 from fairchem_dens.runs import parse_val_metrics  # noqa: E402
 
 #: arm -> the YAML it adds on top of the shipped plain config (fairchem's merge replaces lists)
@@ -47,16 +52,19 @@ ARMS: dict[str, str] = {
 }
 
 
-def prepare(out: Path) -> tuple[Path, dict[str, float]]:
+def prepare(out: Path, model: str) -> tuple[Path, dict[str, float]]:
+    """The demo's conversion of the bundled MD17 data for ``model`` (conservative models: forces
+    normalised by sigma_E, the common scale)."""
     from fairchem_dens.data import ConversionOptions, convert, demo_data_dir
     from fairchem_dens.data.baselines import zero_output_errors
 
     data = DATA["md17"]
-    lmdb_dir = out / "lmdb"
+    scale = CONSERVATIVE_FORCES_NORMALIZER if model in CONSERVATIVE_MODELS else "rms"
+    lmdb_dir = out / ("lmdb" if scale == "rms" else f"lmdb_{scale}")
     if not (lmdb_dir / "conversion.json").exists():
         convert(ConversionOptions(inputs=[str(demo_data_dir("md17"))], out_dir=lmdb_dir,
                                   val_systems=data.val_systems, energy_unit=data.energy_unit,
-                                  overwrite=True), log=print)
+                                  forces_normalizer=scale, overwrite=True), log=print)
     return lmdb_dir, zero_output_errors(lmdb_dir)
 
 
@@ -87,13 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=list(ARMS))
-    parser.add_argument("--epochs", type=int, default=3, help="3 = the demo's 375 steps")
-    parser.add_argument("--model", choices=("eqv2", "escn"), default="eqv2")
+    parser.add_argument("--epochs", type=int, default=3, help="3 = 375 steps (the EquiformerV2 "
+                        "demo's length)")
+    parser.add_argument("--model", choices=("eqv2", "escn", "esen"), default="eqv2",
+                        help="configs/md17/demo/<model>_cpu.yml (esen: conservative; only the "
+                        "demo and energy_only arms apply to it)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "benchmarks" / "energy_probe")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
     out = args.out / args.model
-    lmdb_dir, baseline = prepare(out)
+    lmdb_dir, baseline = prepare(out, args.model)
     rows, summary = [], {}
     for name in args.arms:
         result = run_arm(name, lmdb_dir, out, args.epochs, args.model)
@@ -110,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join([*head, *rows])
     print(table)
     args.results.mkdir(parents=True, exist_ok=True)
-    stem = f"energy_probe_{args.model}"
+    stem = f"energy_probe_{args.model}_{args.epochs}ep"
     (args.results / f"{stem}.md").write_text(table + "\n")
     (args.results / f"{stem}.json").write_text(json.dumps(
         {"baseline": baseline, "epochs": args.epochs, "arms": summary}, indent=1))

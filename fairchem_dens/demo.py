@@ -47,13 +47,13 @@ class DemoData:
 
     name: str  # key of fairchem_dens.data.demo.DEMO_DATASETS
     title: str
-    config_dir: Path  # holds {eqv2,escn}{,_dens}_cpu.yml
+    config_dir: Path  # holds {esen,eqv2,escn}{,_dens}_cpu.yml (OC20: eqv2, escn)
     val_systems: tuple[int, ...]  # converter system ids (file-name digits) held out for val
     energy_unit: str
     split: str  # what the validation frames are, for the summary
 
     def config(self, model: str, variant: str) -> Path:
-        """Config of ``model`` (``eqv2``/``escn``) and ``variant`` (``dens``/``plain``)."""
+        """Config of ``model`` (``esen``/``eqv2``/``escn``) and ``variant`` (``dens``/``plain``)."""
         return self.config_dir / f"{model}{'_dens' if variant == 'dens' else ''}_cpu.yml"
 
 
@@ -67,6 +67,11 @@ DATA = {
         "oc20", "OC20 S2EF", REPO / "configs" / "oc20" / "s2ef" / "demo", (1000100, 1000161),
         "eV", "2 held-out OC20 systems (sids 1000100, 1000161; training: the other 12)"),
 }
+MODELS = ("esen", "eqv2", "escn")
+DEFAULT_MODEL = {"md17": "esen", "oc20": "eqv2"}  # --data -> model when --model is not given
+#: models whose forces are energy gradients: energy and forces share one normaliser scale
+CONSERVATIVE_MODELS = ("esen",)
+CONSERVATIVE_FORCES_NORMALIZER = "energy_std"
 DEMO_VAL_SYSTEMS = DATA["oc20"].val_systems  # kept for callers of the OC20 demo split
 
 
@@ -88,7 +93,7 @@ def train_command(config: Path, lmdb_dir: Path, run_dir: Path, identifier: str, 
         "--run-dir", str(run_dir),
         "--identifier", identifier,
         "--seed", str(seed),
-        *data_overrides(lmdb_dir),
+        *data_overrides(lmdb_dir, config),  # the normaliser files the config chooses
         *extra,
     ]
 
@@ -251,8 +256,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "S2EF/EvalAI path)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "demo",
                         help="output directory (default: runs/demo); runs land in OUT/DATA/")
-    parser.add_argument("--model", choices=("eqv2", "escn"), default="eqv2",
-                        help="EquiformerV2 (default) or eSCN")
+    parser.add_argument("--model", choices=MODELS, default=None,
+                        help="esen (default for md17; eqv2 for oc20): conservative eSEN, forces = -dE/dpos as "
+                             "the authors' MD17 model, which learns the energy too; eqv2 / "
+                             "escn: direct-force EquiformerV2 / eSCN (their energies are not "
+                             "learned at the demo's length, docs/energy.md)")
     parser.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
                         help="also train the plain model with the same seed and data order (the "
                              "default); --no-compare trains the DeNS model only")
@@ -266,6 +274,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     data = DATA[args.data]
+    args.model = args.model or DEFAULT_MODEL[args.data]
+    if not data.config(args.model, "plain").exists():
+        raise SystemExit(f"--model {args.model} has no {data.title} demo config "
+                         f"({data.config(args.model, 'plain')}); choose one of "
+                         f"{sorted(m for m in MODELS if data.config(m, 'plain').exists())}")
     if not data.config_dir.is_dir():
         raise SystemExit(f"demo configs not found at {data.config_dir}: run from a fairchem-dens "
                          "checkout")
@@ -274,11 +287,14 @@ def run(args: argparse.Namespace) -> int:
     from fairchem_dens.data.baselines import zero_output_errors
 
     out = args.out.resolve() / data.name
-    lmdb_dir = out / "lmdb"
+    # conservative eSEN: energy and forces on one scale, sigma_E of the training energies (the
+    # authors' MD17 force scale; configs/md17/demo/esen_cpu.yml), in an LMDB folder of its own
+    forces_scale = CONSERVATIVE_FORCES_NORMALIZER if args.model in CONSERVATIVE_MODELS else "rms"
+    lmdb_dir = out / ("lmdb" if forces_scale == "rms" else f"lmdb_{forces_scale}")
     print(f"converting the bundled {data.title} data in {demo_data_dir(data.name)} -> {lmdb_dir}")
     convert(ConversionOptions(inputs=[str(demo_data_dir(data.name))], out_dir=lmdb_dir,
                               val_systems=data.val_systems, energy_unit=data.energy_unit,
-                              overwrite=True), log=print)
+                              forces_normalizer=forces_scale, overwrite=True), log=print)
     first_n = val_first_n(args.overrides)
     baseline = zero_output_errors(lmdb_dir, first_n=first_n)
 

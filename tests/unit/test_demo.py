@@ -20,6 +20,7 @@ from fairchem_dens.config import DeNSConfig
 from fairchem_dens.data import ConversionOptions, convert, demo_data_dir
 from fairchem_dens.data.baselines import zero_output_errors
 from fairchem_dens.demo import (
+    DEFAULT_MODEL,
     DATA,
     data_overrides,
     parse_val_metrics,
@@ -28,6 +29,8 @@ from fairchem_dens.demo import (
     val_first_n,
 )
 from tests.conftest import REPO
+
+ESEN_DEMO_EPOCHS = 8  # configs/md17/demo/esen_cpu.yml: 1000 steps (docs/energy.md)
 
 LOG = """\
 2026-11-21 14:35:00 base_trainer.py:863: (INFO): Evaluating on val.
@@ -81,17 +84,29 @@ def test_val_first_n_reads_the_last_override() -> None:
 
 def test_demo_defaults_to_md17_with_the_plain_comparison() -> None:
     args = build_parser().parse_args(["demo"])
-    assert (args.data, args.model, args.compare, args.sequential) == ("md17", "eqv2", True, False)
+    assert (args.data, args.model, args.compare, args.sequential) == ("md17", None, True, False)
+    # no --model: conservative eSEN on MD17 (it learns energies), EquiformerV2 on OC20
+    assert DEFAULT_MODEL == {"md17": "esen", "oc20": "eqv2"}
     args = build_parser().parse_args(["demo", "--data", "oc20", "--model", "escn", "--no-compare"])
     assert (args.data, args.model, args.compare) == ("oc20", "escn", False)
 
 
-@pytest.mark.parametrize("model", ["eqv2", "escn"])
+def test_an_oc20_demo_without_esen_config_is_refused_naming_the_choices(tmp_path) -> None:
+    from fairchem_dens.demo import run
+
+    args = build_parser().parse_args(["demo", "--data", "oc20", "--model", "esen",
+                                      "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"--model esen has no OC20 S2EF demo config .*'eqv2'"):
+        run(args)
+
+
+@pytest.mark.parametrize("model", ["esen", "eqv2", "escn"])
 def test_md17_demo_configs_differ_only_in_dens(model: str) -> None:
     md17 = DATA["md17"]
     dens, _, _ = load_config(str(md17.config(model, "dens")))
     plain, _, _ = load_config(str(md17.config(model, "plain")))
-    assert plain["trainer"] == "equiformerv2_forces"
+    assert plain["trainer"] == ("fairchem_dens.resume.ExactResumeForcesTrainer"
+                                if model == "esen" else "equiformerv2_forces")
     assert dens["trainer"] == "fairchem_dens.trainer.DenoisingForcesTrainer"
     # the paper's ethanol values (Table 9), as benchmarks/configs/md17_eqv2_dens_cpu.yml
     settings = DeNSConfig.from_optim(dens["optim"])
@@ -105,7 +120,8 @@ def test_md17_demo_configs_differ_only_in_dens(model: str) -> None:
         config["model"]["backbone"].pop("model")
     assert dens["optim"] == plain["optim"] and dens["model"] == plain["model"]
     assert dens["loss_functions"] == plain["loss_functions"]
-    assert (plain["optim"]["batch_size"], plain["optim"]["max_epochs"]) == (8, 3)
+    assert (plain["optim"]["batch_size"], plain["optim"]["max_epochs"]) == (
+        8, ESEN_DEMO_EPOCHS if model == "esen" else 3)
     # inherited from the OC20 demo config: 0.999 would keep 0.999^375 = 69 % of the initial weights
     assert plain["optim"]["ema_decay"] == 0.99
 
@@ -214,8 +230,8 @@ def test_demo_runs_end_to_end_and_prints_baseline_and_both_models(tmp_path) -> N
          "--optim.scheduler_params.warmup_epochs=1"],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = proc.stdout[proc.stdout.index("=== MD17 ethanol, eqv2"):].splitlines()
-    assert summary[0].startswith("=== MD17 ethanol, eqv2: validation on the first 8 of 500 ")
+    summary = proc.stdout[proc.stdout.index("=== MD17 ethanol, esen"):].splitlines()
+    assert summary[0].startswith("=== MD17 ethanol, esen: validation on the first 8 of 500 ")
     rows = {line.split()[0]: line.split() for line in summary[2:5]}
     assert set(rows) == {"zero-output", "plain", "DeNS"}
     val = _read(demo_data_dir("md17") / "ethanol_chunk3.extxyz.xz", ":8")
