@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import lzma
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,18 +113,25 @@ def oc20_relaxed(cache: Path = CACHE) -> Path:
     return _convert(cache / "oc20_relaxed", inputs=[str(frames)], split=(1.0, 0.0, 0.0))
 
 
-def md17(cache: Path = CACHE) -> Dataset:
+def _md17_chunks(chunks: Path, which: Sequence[int] | None = None) -> Path:
+    """The shared MD17 ethanol file cut into ``ethanol_<i>.extxyz`` files of ``MD17_CHUNK``
+    frames in ``chunks`` (written once): the chunks ``which``, or all of them."""
     from ase.io import read, write
 
-    chunks = cache / "raw" / "md17_ethanol_chunks"
     if not (chunks / ".complete").exists():
         with lzma.open(_require(SHARED_DATA / "md17_ethanol" / "ethanol_sampledata.xyz.xz"),
                        "rt") as f:
             frames = read(f, index=":", format="extxyz")
         chunks.mkdir(parents=True, exist_ok=True)
-        for i in (*MD17_TRAIN_CHUNKS, *MD17_VAL_CHUNKS):
+        for i in (range(len(frames) // MD17_CHUNK) if which is None else which):
             write(chunks / f"ethanol_{i:02d}.extxyz", frames[MD17_CHUNK * i:MD17_CHUNK * (i + 1)])
         (chunks / ".complete").touch()
+    return chunks
+
+
+def md17(cache: Path = CACHE) -> Dataset:
+    chunks = _md17_chunks(cache / "raw" / "md17_ethanol_chunks",
+                          (*MD17_TRAIN_CHUNKS, *MD17_VAL_CHUNKS))
     out = _convert(cache / "md17_ethanol", inputs=[str(chunks)], energy_unit="kcal/mol",
                    val_systems=tuple(MD17_VAL_CHUNKS))
     return Dataset("md17", out, "md17")
@@ -142,21 +150,10 @@ def md17_scaling(frames: int, cache: Path = CACHE) -> Dataset:
     validation chunks of ``md17`` (15-19, 500 frames) and a test part of its own, chunks 10-14
     (500 frames no other suite used). Normalisers and references are fitted on the ``frames``
     training frames only; forces / sigma_E as ``md17_sigma_e`` (the authors' MD17 scale)."""
-    from ase.io import read, write
-
     if frames % MD17_CHUNK or not 0 < frames <= MD17_CHUNK * len(MD17_TRAIN_CHUNKS):
         raise ValueError(f"md17_scaling: frames={frames} must be a multiple of {MD17_CHUNK} "
                          f"up to {MD17_CHUNK * len(MD17_TRAIN_CHUNKS)}")
-    chunks = cache / "raw" / "md17_ethanol_all_chunks"
-    if not (chunks / ".complete").exists():
-        with lzma.open(_require(SHARED_DATA / "md17_ethanol" / "ethanol_sampledata.xyz.xz"),
-                       "rt") as f:
-            all_frames = read(f, index=":", format="extxyz")
-        chunks.mkdir(parents=True, exist_ok=True)
-        for i in range(len(all_frames) // MD17_CHUNK):
-            write(chunks / f"ethanol_{i:02d}.extxyz",
-                  all_frames[MD17_CHUNK * i:MD17_CHUNK * (i + 1)])
-        (chunks / ".complete").touch()
+    chunks = _md17_chunks(cache / "raw" / "md17_ethanol_all_chunks")
     used = [*range(frames // MD17_CHUNK), *MD17_TEST_CHUNKS, *MD17_VAL_CHUNKS]
     out = _convert(cache / f"md17_ethanol_scaling_{frames}",
                    inputs=[str(chunks / f"ethanol_{i:02d}.extxyz") for i in used],

@@ -233,7 +233,7 @@ def train(family: str, ctx: dict) -> dict:
         if not amp:
             result["syncs_per_step"] = {  # 3 steps each: a DeNS step corrupts at random
                 name: [count_syncs(trainer.device,
-                                   lambda t=t: train_step(t, copy.deepcopy(batch), False))
+                                   lambda t=t, b=batch: train_step(t, copy.deepcopy(b), False))
                        for _ in range(3)] for name, t in (("plain", plain), ("dens", trainer))}
     return result
 
@@ -340,7 +340,7 @@ def run_section(report: dict, name: str, fn: Callable[[], object], out: Path | N
     start = time.perf_counter()
     try:
         report[name] = fn()
-    except Exception:  # noqa: BLE001 - a check that fails is a result to report
+    except Exception:  # a check that fails is a result to report
         report[name] = {"error": traceback.format_exc()[-2500:]}
     report.setdefault("seconds", {})[name] = round(time.perf_counter() - start, 1)
     print(f"== {name} ({report['seconds'][name]} s)\n{json.dumps(report[name], indent=1)}",

@@ -152,7 +152,7 @@ class DeNSNoiseHeadMixin:
         if not self.restrict_to_corrupted or gp_utils.initialized():
             return super().forward(data, emb)
         mask = data[DENS_MASK_KEY].bool()  # [N]; a no-op on the trainer's bool mask
-        self._corrupted_index = data[DENS_INDEX_KEY] if DENS_INDEX_KEY in data else None
+        self._corrupted_index = getattr(data, DENS_INDEX_KEY, None)
         restricted = self._restrict(emb, mask)
         if restricted is None:  # nothing corrupted: nothing to compute, every row is zero
             return {self.output_name: data.pos.new_zeros(mask.shape[0], 3)}

@@ -144,7 +144,7 @@ def cast_batch(batch, dtype: torch.dtype):
     (fairchem's graph builder, ``radius_graph_pbc``, multiplies the cell by its float32 unit
     cells: it needs a float32 cell)."""
     cast = copy.copy(batch)
-    for key in batch.keys():
+    for key in batch.keys():  # noqa: SIM118 - iterating a PyG batch yields (key, value)
         value = batch[key]
         if torch.is_tensor(value) and value.is_floating_point() and key != "cell":
             cast[key] = value.to(dtype)

@@ -28,7 +28,7 @@ def test_every_section_runs_without_error(smoke_report) -> None:
     assert sorted(sections) == sorted(
         [f"{s}/{f}" for s in ("eval_equal", "train") for f in ("eqv2", "escn", "esen")]
         + ["cost", "ddp"])
-    errors = {k: v["error"][-800:] for k in sections if "error" in smoke_report[k]}
+    errors = {k: smoke_report[k]["error"][-800:] for k in sections if "error" in smoke_report[k]}
     assert not errors, errors
 
 

@@ -20,8 +20,8 @@ from fairchem_dens.config import DeNSConfig
 from fairchem_dens.data import ConversionOptions, convert, demo_data_dir
 from fairchem_dens.data.baselines import zero_output_errors
 from fairchem_dens.demo import (
-    DEFAULT_MODEL,
     DATA,
+    DEFAULT_MODEL,
     data_overrides,
     parse_val_metrics,
     reading,
@@ -261,7 +261,7 @@ def test_plot_curves_draws_both_runs_the_baselines_and_the_ratio(tmp_path) -> No
     real_savefig = plt.Figure.savefig
 
     def spy(fig, path, **kwargs):
-        drawn["axes"] = [[(list(l.get_xdata()), list(l.get_ydata())) for l in ax.get_lines()]
+        drawn["axes"] = [[(list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()]
                          for ax in fig.axes]
         return real_savefig(fig, path, **kwargs)
 
