@@ -1,5 +1,6 @@
-"""The README's main job (``make demo``): train EquiformerV2 with and without DeNS on bundled
-real DFT data and show what the models learned.
+"""The README's main job (``make demo``): train a model with and without DeNS on bundled real DFT
+data and show what the models learned: by default conservative eSEN on MD17 (forces =
+-dE/dpos, so the energy is learned too; docs/energy.md), EquiformerV2 on OC20.
 
 1. converts the bundled data to fairchem LMDBs with ``fairchem_dens.data.convert``:
    by default (``--data md17``) 1500 frames sampled from the MD17 ethanol simulation
@@ -12,7 +13,8 @@ real DFT data and show what the models learned.
 4. writes ``learning_curves.png`` (validation force and energy MAE vs epoch of both runs, and
    the DeNS/plain ratios) next to the logs and prints its path.
 
-``--no-compare`` trains the DeNS model only; ``--model escn`` uses eSCN. Run
+``--no-compare`` trains the DeNS model only; ``--model eqv2|escn`` uses the direct-force
+EquiformerV2 / eSCN. Run
 ``python -m fairchem_dens.demo --help``.
 """
 
