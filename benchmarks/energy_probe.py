@@ -32,12 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fairchem_dens.demo import (  # noqa: E402
-    CONSERVATIVE_FORCES_NORMALIZER,
-    CONSERVATIVE_MODELS,
-    DATA,
-    train_command,
-)
+from fairchem_dens.demo import DATA, convert_demo_data, train_command  # noqa: E402
 from fairchem_dens.runs import parse_val_metrics  # noqa: E402
 
 #: arm -> the YAML it adds on top of the shipped plain config (fairchem's merge replaces lists)
@@ -53,18 +48,11 @@ ARMS: dict[str, str] = {
 
 
 def prepare(out: Path, model: str) -> tuple[Path, dict[str, float]]:
-    """The demo's conversion of the bundled MD17 data for ``model`` (conservative models: forces
-    normalised by sigma_E, the common scale)."""
-    from fairchem_dens.data import ConversionOptions, convert, demo_data_dir
+    """The demo's conversion of the bundled MD17 data for ``model`` and its mean/zero
+    baseline."""
     from fairchem_dens.data.baselines import zero_output_errors
 
-    data = DATA["md17"]
-    scale = CONSERVATIVE_FORCES_NORMALIZER if model in CONSERVATIVE_MODELS else "rms"
-    lmdb_dir = out / ("lmdb" if scale == "rms" else f"lmdb_{scale}")
-    if not (lmdb_dir / "conversion.json").exists():
-        convert(ConversionOptions(inputs=[str(demo_data_dir("md17"))], out_dir=lmdb_dir,
-                                  val_systems=data.val_systems, energy_unit=data.energy_unit,
-                                  forces_normalizer=scale, overwrite=True), log=print)
+    lmdb_dir = convert_demo_data(DATA["md17"], model, out, reuse=True)
     return lmdb_dir, zero_output_errors(lmdb_dir)
 
 

@@ -274,6 +274,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def convert_demo_data(data: DemoData, model: str, out: Path, reuse: bool = False) -> Path:
+    """Convert ``data``'s bundled frames for ``model`` into an LMDB folder under ``out`` and
+    return it. Conservative models (:data:`CONSERVATIVE_MODELS`) get energy and forces on one
+    scale, sigma_E of the training energies (the authors' MD17 force scale; configs/md17/demo/
+    esen_cpu.yml), in a folder of their own. ``reuse``: keep a finished earlier conversion."""
+    from fairchem_dens.data import ConversionOptions, convert, demo_data_dir
+
+    forces_scale = CONSERVATIVE_FORCES_NORMALIZER if model in CONSERVATIVE_MODELS else "rms"
+    lmdb_dir = out / ("lmdb" if forces_scale == "rms" else f"lmdb_{forces_scale}")
+    if reuse and (lmdb_dir / "conversion.json").exists():
+        return lmdb_dir
+    print(f"converting the bundled {data.title} data in {demo_data_dir(data.name)} -> {lmdb_dir}")
+    convert(ConversionOptions(inputs=[str(demo_data_dir(data.name))], out_dir=lmdb_dir,
+                              val_systems=data.val_systems, energy_unit=data.energy_unit,
+                              forces_normalizer=forces_scale, overwrite=True), log=print)
+    return lmdb_dir
+
+
 def run(args: argparse.Namespace) -> int:
     data = DATA[args.data]
     args.model = args.model or DEFAULT_MODEL[args.data]
@@ -285,18 +303,10 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"demo configs not found at {data.config_dir}: run from a fairchem-dens "
                          "checkout")
 
-    from fairchem_dens.data import ConversionOptions, convert, demo_data_dir
     from fairchem_dens.data.baselines import zero_output_errors
 
     out = args.out.resolve() / data.name
-    # conservative eSEN: energy and forces on one scale, sigma_E of the training energies (the
-    # authors' MD17 force scale; configs/md17/demo/esen_cpu.yml), in an LMDB folder of its own
-    forces_scale = CONSERVATIVE_FORCES_NORMALIZER if args.model in CONSERVATIVE_MODELS else "rms"
-    lmdb_dir = out / ("lmdb" if forces_scale == "rms" else f"lmdb_{forces_scale}")
-    print(f"converting the bundled {data.title} data in {demo_data_dir(data.name)} -> {lmdb_dir}")
-    convert(ConversionOptions(inputs=[str(demo_data_dir(data.name))], out_dir=lmdb_dir,
-                              val_systems=data.val_systems, energy_unit=data.energy_unit,
-                              forces_normalizer=forces_scale, overwrite=True), log=print)
+    lmdb_dir = convert_demo_data(data, args.model, out)
     first_n = val_first_n(args.overrides)
     baseline = zero_output_errors(lmdb_dir, first_n=first_n)
 
