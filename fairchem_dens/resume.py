@@ -40,9 +40,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 from typing import Any
 
 import torch
+from fairchem.core.trainers.ocp_trainer import OCPTrainer
 from fairchem.core.models.equiformer_v2.trainers.forces_trainer import (
     EquiformerV2ForcesTrainer,
 )
@@ -119,8 +121,13 @@ class ExactResumeMixin:
 
     def _defers_save(self, checkpoint_file: str, training_state: bool) -> bool:
         """Whether a save is the loop's periodic checkpoint of a step whose validation is still
-        to come (fairchem validates when ``step % eval_every == 0``, after that save)."""
+        to come (fairchem validates when ``step % eval_every == 0``, after that save). Only a
+        save called by fairchem's training loop itself is deferred: any other (submitit's
+        preemption handler ``Runner.checkpoint``, which exits the process right after) is
+        written at once."""
         if not (self._in_training and training_state and checkpoint_file == "checkpoint.pt"):
+            return False
+        if sys._getframe(2).f_code is not OCPTrainer.train.__code__:  # 0: here, 1: save
             return False
         if getattr(self, "val_loader", None) is None or self.step == self._validated_step:
             return False

@@ -223,3 +223,17 @@ def test_resumed_run_uses_the_decayed_lambda_of_the_uninterrupted_run(demo_lmdb,
     tail, tail_coeffs = run("resumed", ckpt=ckpt)
     assert tail_coeffs == straight_coeffs[2:]
     assert tail == straight[2:]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_save_outside_the_loop_is_written_at_once_even_at_an_evaluation_step(
+        variant, demo_lmdb, tmp_path) -> None:
+    """The loop's periodic checkpoint of an evaluation step waits for that step's validation;
+    any other save during training (submitit's preemption handler ``Runner.checkpoint``, which
+    exits the process right after) must reach the disk at once."""
+    trainer = make_trainer(resume_config(variant, demo_lmdb, tmp_path / "t", max_epochs=1,
+                                         first_n=8, eval_every=2))
+    trainer._in_training, trainer.step = True, 4  # mid-training, at an evaluation step
+    path = trainer.save(checkpoint_file="checkpoint.pt", training_state=True)
+    assert torch.load(path, map_location="cpu")["step"] == 4
+    assert trainer._deferred_save is None
