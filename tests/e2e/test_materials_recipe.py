@@ -11,8 +11,8 @@ fairchem's MPtrj release (configs/omat24/mptrj/eqV2_31M_mptrj.yml of fairchem 1.
 EquiformerV2 predicts E / sigma_E, so its energy weight is 5 x sigma_E; the conservative eSEN
 predicts energy, forces and stress on one scale F_rms, so its weights are 5 x F_rms on the
 energy and 10 x F_rms / S_rms on its 9-component gradient stress (its two parts of weight 5
-each, with S_rms the RMS of the training stresses). Before this recipe the mlearn configs
-weighed a cell's energy 1/20 of this and did not learn it (docs/energy.md).
+each, with S_rms the RMS of the training stresses). The MD17 weights used before gave the
+energy ~6x less weight relative to the forces and did not learn it (docs/energy.md).
 """
 
 from __future__ import annotations
