@@ -10,7 +10,10 @@ one arm per suspected cause, each changing one thing:
 * ``lambda_e_20``: lambda_E 20 (the relative weight of the energy term);
 * ``avg_nodes_9``: ``model.backbone.avg_num_nodes: 9`` (ethanol has 9 atoms: the energy head
   sums 9 atom outputs and divides by avg_num_nodes, so 77.81 shrinks the head's output 8.6x);
-* ``avg_nodes_9_lambda_e_20``: both.
+* ``avg_nodes_9_lambda_e_20``: both;
+* ``escn_reduce_mean`` (``--model escn`` only): fairchem's ``escn_energy_head`` with
+  ``reduce: mean`` (atom energies averaged) instead of its default ``sum``, which multiplies the
+  sum by 0.001 (9 ethanol atoms: the head's output is 0.009x its atom outputs).
 
 Prints each arm's last validation energy and force MAE against the mean predictor's
 (``fairchem_dens.data.baselines.zero_output_errors``) and writes ``benchmarks/results/
@@ -44,6 +47,9 @@ ARMS: dict[str, str] = {
     "lambda_e_20": LOSSES.format(e=20, f=80),
     "avg_nodes_9": AVG_NODES_9,
     "avg_nodes_9_lambda_e_20": AVG_NODES_9 + LOSSES.format(e=20, f=80),
+    # eSCN only: fairchem's escn_energy_head sums the atom energies and multiplies by 0.001
+    # ("reduce: sum"); "mean" divides by the atom count instead (9 for every ethanol frame)
+    "escn_reduce_mean": "model:\n  heads:\n    energy:\n      reduce: mean\n",
 }
 
 
