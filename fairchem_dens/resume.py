@@ -44,10 +44,10 @@ import sys
 from typing import Any
 
 import torch
-from fairchem.core.trainers.ocp_trainer import OCPTrainer
 from fairchem.core.models.equiformer_v2.trainers.forces_trainer import (
     EquiformerV2ForcesTrainer,
 )
+from fairchem.core.trainers.ocp_trainer import OCPTrainer
 
 from fairchem_dens import rng
 from fairchem_dens.setup_checks import warn_unlearnable_targets
