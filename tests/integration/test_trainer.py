@@ -26,11 +26,11 @@ def first_batch(trainer):
     return next(iter(trainer.train_loader))
 
 
-def mixed_step(trainer, needs_plain_structure: bool = True):
+def mixed_step(trainer, needs_plain_structure: bool = True, batch=None):
     """A training forward whose batch mixes corrupted and (with ``needs_plain_structure``) plain
     structures and still has free uncorrupted atoms, so every loss term is exercised (searched
-    over steps, deterministic)."""
-    batch = first_batch(trainer)
+    over steps, deterministic). ``batch``: the batch to use (default: the trainer's first)."""
+    batch = first_batch(trainer) if batch is None else batch
     trainer.model.train()
     for step in range(1, 200):
         trainer.step = step
