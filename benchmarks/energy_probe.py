@@ -1,6 +1,7 @@
 """Why direct-force EquiformerV2 does not learn MD17 energies at the demo's length (issue 23).
 
-Plain EquiformerV2 (fairchem's backbone, heads and trainer; ``configs/md17/demo/eqv2_cpu.yml``)
+Plain EquiformerV2 (fairchem's backbone, heads and trainer; ``benchmarks/configs/md17_demo/
+eqv2_cpu.yml``, the direct-force MD17 demo config before issue 23 moved it out of ``configs/``)
 on the bundled MD17 ethanol data, the demo's length (3 epochs, 375 steps), seed 0, one thread,
 one arm per suspected cause, each changing one thing:
 
@@ -38,6 +39,17 @@ sys.path.insert(0, str(REPO))
 from fairchem_dens.demo import DATA, convert_demo_data, train_command  # noqa: E402
 from fairchem_dens.runs import parse_val_metrics  # noqa: E402
 
+#: direct-force MD17 configs (not shipped: they do not learn the energy) and the shipped eSEN one
+PROBE_CONFIG_DIR = {"eqv2": REPO / "benchmarks" / "configs" / "md17_demo",
+                    "escn": REPO / "benchmarks" / "configs" / "md17_demo",
+                    "esen": DATA["md17"].config_dir}
+
+
+def probe_config(model: str) -> Path:
+    """The plain MD17 demo-data config of ``model``."""
+    return PROBE_CONFIG_DIR[model] / f"{model}_cpu.yml"
+
+
 #: arm -> the YAML it adds on top of the shipped plain config (fairchem's merge replaces lists)
 LOSSES = "loss_functions:\n  - energy: {{fn: mae, coefficient: {e}}}\n  - forces: {{fn: mae, coefficient: {f}}}\n"
 AVG_NODES_9 = "model:\n  backbone:\n    avg_num_nodes: 9\n"
@@ -67,7 +79,7 @@ def run_arm(name: str, lmdb_dir: Path, out: Path, epochs: int, model: str) -> di
     overrides = [f"--optim.max_epochs={epochs}"]
     (out / name).mkdir(parents=True, exist_ok=True)
     config = out / name / "config.yml"
-    config.write_text(f"includes:\n  - {DATA['md17'].config(model, 'plain')}\n{ARMS[name]}")
+    config.write_text(f"includes:\n  - {probe_config(model)}\n{ARMS[name]}")
     key = {"overrides": overrides, "config": config.read_text()}
     if cached.exists() and all(json.loads(cached.read_text()).get(k) == v for k, v in key.items()):
         return json.loads(cached.read_text())
@@ -92,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3, help="3 = 375 steps (the EquiformerV2 "
                         "demo's length)")
     parser.add_argument("--model", choices=("eqv2", "escn", "esen"), default="eqv2",
-                        help="configs/md17/demo/<model>_cpu.yml (esen: conservative; only the "
-                        "demo and energy_only arms apply to it)")
+                        help="benchmarks/configs/md17_demo/<model>_cpu.yml; esen: configs/md17/demo/"
+                        "esen_cpu.yml (conservative; only the demo and energy_only arms apply)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "benchmarks" / "energy_probe")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)

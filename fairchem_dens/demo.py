@@ -13,8 +13,10 @@ data and show what the models learned: by default conservative eSEN on MD17 (for
 4. writes ``learning_curves.png`` (validation force and energy MAE vs epoch of both runs, and
    the DeNS/plain ratios) next to the logs and prints its path.
 
-``--no-compare`` trains the DeNS model only; ``--model eqv2|escn`` uses the direct-force
-EquiformerV2 / eSCN. Run
+``--no-compare`` trains the DeNS model only; with ``--data oc20``, ``--model escn`` uses the
+direct-force eSCN instead of EquiformerV2. MD17 has only the conservative eSEN: the direct-force
+models do not learn ethanol's energy at CPU length (docs/energy.md; their configs are in
+``benchmarks/configs/md17_demo``). Run
 ``python -m fairchem_dens.demo --help``.
 """
 
@@ -49,7 +51,7 @@ class DemoData:
 
     name: str  # key of fairchem_dens.data.demo.DEMO_DATASETS
     title: str
-    config_dir: Path  # holds {esen,eqv2,escn}{,_dens}_cpu.yml (OC20: eqv2, escn)
+    config_dir: Path  # holds <model>{,_dens}_cpu.yml (MD17: esen; OC20: eqv2, escn)
     val_systems: tuple[int, ...]  # converter system ids (file-name digits) held out for val
     energy_unit: str
     split: str  # what the validation frames are, for the summary
@@ -259,10 +261,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "demo",
                         help="output directory (default: runs/demo); runs land in OUT/DATA/")
     parser.add_argument("--model", choices=MODELS, default=None,
-                        help="esen (default for md17; eqv2 for oc20): conservative eSEN, forces = -dE/dpos as "
-                             "the authors' MD17 model, which learns the energy too; eqv2 / "
-                             "escn: direct-force EquiformerV2 / eSCN (their energies are not "
-                             "learned at the demo's length, docs/energy.md)")
+                        help="md17: esen (conservative eSEN, forces = -dE/dpos as the "
+                             "authors' MD17 model; the only MD17 demo model: direct-force "
+                             "models do not learn its energy at CPU length, docs/energy.md); "
+                             "oc20: eqv2 (default) or escn, direct-force EquiformerV2 / eSCN")
     parser.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
                         help="also train the plain model with the same seed and data order (the "
                              "default); --no-compare trains the DeNS model only")

@@ -35,7 +35,7 @@ PAPER_PARAMS = {
     "oc22/s2ef/eqv2_dens_N@18_L@6_M@2_e6_paper.yml": 127e6,
     "oc22/s2ef/eqv2_dens_N@18_L@6_M@2_e6_official.yml": 127e6,
 }
-MD17 = "md17/eqv2_dens_ethanol.yml"
+MD17 = "md17/esen_dens_ethanol.yml"  # conservative eSEN (issue 23)
 #: eSEN (conservative) + DeNS on MPtrj: DeNS values of fairchem's EquiformerV2 + DeNS MPtrj
 #: release (no eSEN config ships with fairchem 1.10; see the config's header)
 ESEN_MPTRJ = "omat24/mptrj/esen_dens_mptrj.yml"
@@ -135,7 +135,7 @@ def test_dens_settings_are_the_cited_ones(rel: str) -> None:
             lr, epochs, clip)
         coeffs = {k: v["coefficient"] for entry in config["loss_functions"] for k, v in entry.items()}
         assert coeffs == {"energy": lam_e, "forces": lam_f}
-        assert config["model"]["backbone"]["drop_path_rate"] == drop_path
+        assert config["model"]["backbone"].get("drop_path_rate", 0.0) == drop_path
 
 
 def test_esen_mptrj_values_are_the_cited_ones() -> None:
@@ -221,9 +221,11 @@ def scaled_config(rel: str, data_dir: Path, run_dir: Path) -> dict:
     esen = "esen" in config["model"]["backbone"]["model"]
     train["transforms"] = {
         "element_references": {"energy": {"file": str(data / "element_references.npz")}},
-        # eSEN: the config's own normalisers (one data-independent scale for the energy and
-        # its gradients); the others: the converter's files
-        "normalizer": train["transforms"]["normalizer"] if esen else {
+        # eSEN: the config's own normalisers (one scale for the energy and its gradients:
+        # fixed values, or the converter's file that holds it); the others: the converter's
+        "normalizer": {key: {"file": str(data / Path(value["file"]).name)} if "file" in value
+                       else value for key, value in train["transforms"]["normalizer"].items()}
+        if esen else {
             key: {"file": str(data / f"{key}_normalizer.npz")} for key in ("energy", "forces")},
     }
     config["dataset"]["val"] = {"src": str(data / "val")}
