@@ -36,8 +36,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fairchem_dens.demo import DATA, convert_demo_data, train_command  # noqa: E402
-from fairchem_dens.runs import parse_val_metrics  # noqa: E402
+from fairchem_dens.demo import DATA, convert_demo_data  # noqa: E402
+from fairchem_dens.runs import parse_val_metrics, train_command  # noqa: E402
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from runner import write_results  # noqa: E402
 
 #: direct-force MD17 configs (not shipped: they do not learn the energy) and the shipped eSEN one
 PROBE_CONFIG_DIR = {"eqv2": REPO / "benchmarks" / "configs" / "md17_demo",
@@ -126,11 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             "| minutes |", "|---|---|---|---|---|---|"]
     table = "\n".join([*head, *rows])
     print(table)
-    args.results.mkdir(parents=True, exist_ok=True)
-    stem = f"energy_probe_{args.model}_{args.epochs}ep"
-    (args.results / f"{stem}.md").write_text(table + "\n")
-    (args.results / f"{stem}.json").write_text(json.dumps(
-        {"baseline": baseline, "epochs": args.epochs, "arms": summary}, indent=1))
+    write_results(args.results, f"energy_probe_{args.model}_{args.epochs}ep", table,
+                  {"baseline": baseline, "epochs": args.epochs, "arms": summary})
     return 0
 
 

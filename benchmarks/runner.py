@@ -127,6 +127,13 @@ class Result:
         return self.curve[-1]
 
 
+def write_results(results_dir: Path, stem: str, table: str, payload: dict[str, Any]) -> None:
+    """``results_dir/<stem>.md`` (the Markdown ``table``) and ``<stem>.json`` (``payload``)."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"{stem}.md").write_text(table + "\n")
+    (results_dir / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+
+
 def steps_per_epoch(num_frames: int, batch_size: int) -> int:
     return math.ceil(num_frames / batch_size)
 

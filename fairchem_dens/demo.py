@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fairchem_dens.runs import (  # data_overrides, parse_val_metrics re-exported for callers
-    data_overrides,
-    fairchem_executable,
+    data_overrides,  # noqa: F401
     parse_val_metrics,
+    train_command,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,22 +84,6 @@ def val_first_n(overrides: list[str]) -> int | None:
     score the same validation frames as the runs)."""
     values = [o.split("=", 1)[1] for o in overrides if o.startswith("--dataset.val.first_n=")]
     return int(values[-1]) if values else None
-
-
-def train_command(config: Path, lmdb_dir: Path, run_dir: Path, identifier: str, seed: int,
-                  extra: list[str]) -> list[str]:
-    """The stock ``fairchem --mode train --cpu`` command line of one demo run."""
-    return [
-        fairchem_executable(),
-        "--mode", "train",
-        "--config-yml", str(config),
-        "--cpu",
-        "--run-dir", str(run_dir),
-        "--identifier", identifier,
-        "--seed", str(seed),
-        *data_overrides(lmdb_dir, config),  # the normaliser files the config chooses
-        *extra,
-    ]
 
 
 def run_all(commands: dict[str, list[str]], out: Path, parallel: bool) -> dict[str, dict]:

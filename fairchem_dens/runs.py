@@ -1,6 +1,6 @@
 """Plumbing shared by the demo (:mod:`fairchem_dens.demo`), the benchmarks and the tests for
 driving the stock ``fairchem`` console script: where it is, how to point a config at converted
-data, and how to read validation metrics back from its log."""
+data, the command line of one training run, and how to read validation metrics back from its log."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import re
 import sys
 from pathlib import Path
 
-__all__ = ["build_trainer", "data_overrides", "fairchem_executable", "parse_val_metrics"]
+__all__ = ["build_trainer", "data_overrides", "fairchem_executable", "parse_val_metrics",
+           "train_command"]
 
 _METRIC = re.compile(r"(\w+): (-?[0-9.]+(?:e[-+]?\d+)?)")
 
@@ -46,6 +47,24 @@ def data_overrides(lmdb_dir: Path, config: str | Path | None = None) -> list[str
         f"{t}.src={lmdb_dir / 'train'}",
         *(f"{t}.transforms.{key}.file={lmdb_dir / name}" for key, name in files.items()),
         f"--dataset.val.src={lmdb_dir / 'val'}",
+    ]
+
+
+def train_command(config: Path, lmdb_dir: Path, run_dir: Path, identifier: str, seed: int,
+                  extra: list[str]) -> list[str]:
+    """The stock ``fairchem --mode train --cpu`` command line of one run of ``config`` on the
+    output of ``fairchem-dens convert`` in ``lmdb_dir`` (:func:`data_overrides`), then ``extra``
+    fairchem overrides."""
+    return [
+        fairchem_executable(),
+        "--mode", "train",
+        "--config-yml", str(config),
+        "--cpu",
+        "--run-dir", str(run_dir),
+        "--identifier", identifier,
+        "--seed", str(seed),
+        *data_overrides(lmdb_dir, config),  # the normaliser files the config chooses
+        *extra,
     ]
 
 

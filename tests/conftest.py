@@ -151,6 +151,14 @@ def demo_lmdb(tmp_path_factory) -> Path:
 MLEARN_SI_MAX_ATOMS = 36
 
 
+def mlearn_si_training() -> Path:
+    """The shared mlearn Si training set (Zuo et al. 2020); skips the test when it is absent."""
+    src = SHARED / "data" / "mlearn" / "Si" / "training.json.xz"
+    if not src.exists():
+        pytest.skip(f"shared mlearn data not found at {src}")
+    return src
+
+
 @pytest.fixture(scope="session")
 def mlearn_si_lmdb(tmp_path_factory) -> Path:
     """Real mlearn Si with stress, converted to fairchem LMDBs as a user would
@@ -161,9 +169,7 @@ def mlearn_si_lmdb(tmp_path_factory) -> Path:
     from fairchem_dens.data import ConversionOptions, convert
     from fairchem_dens.data.mlearn import read_mlearn
 
-    src = SHARED / "data" / "mlearn" / "Si" / "training.json.xz"
-    if not src.exists():
-        pytest.skip(f"shared mlearn data not found at {src}")
+    src = mlearn_si_training()
     raw = tmp_path_factory.mktemp("mlearn_si_raw")
     small = [a for a in read_mlearn(src) if len(a) <= MLEARN_SI_MAX_ATOMS]
     for sid, atoms in enumerate(small):
@@ -204,6 +210,28 @@ def demo_config(data_dir: Path, dens: dict | None, run_dir: Path, first_n: int |
         config["optim"]["dens"] = dict(dens)
     config["optim"].update(optim)
     config["run_dir"] = str(run_dir)
+    return config
+
+
+def config_on_lmdb(rel: str, lmdb: Path, run_dir: Path) -> dict:
+    """configs/``rel`` as fairchem loads it, with its train/val LMDBs and every reference or
+    normaliser file it names pointed at the file of that name in ``lmdb`` (copied into
+    ``run_dir``: lmdb opens a path once per process)."""
+    import shutil
+
+    from fairchem.core.common.utils import load_config
+
+    config, _, _ = load_config(str(REPO / "configs" / rel))
+    data = Path(shutil.copytree(lmdb, run_dir / "data"))  # lmdb: one open per path
+    train = config["dataset"]["train"]
+    train["src"] = str(data / "train")
+    for kind in ("element_references", "normalizer"):
+        for value in train["transforms"].get(kind, {}).values():
+            if isinstance(value, dict) and "file" in value:
+                value["file"] = str(data / Path(value["file"]).name)
+    config["dataset"]["val"] = {"src": str(data / "val")}
+    config["optim"].update(num_workers=0)
+    config.update(run_dir=str(run_dir), logger="tensorboard")
     return config
 
 
