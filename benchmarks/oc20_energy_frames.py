@@ -13,7 +13,8 @@ shipped: their length, loss weights, normalisers, EMA) are trained through the s
 ``fairchem`` CLI, seed 0, one thread each, and scored against the mean predictor (the
 references plus the normaliser mean) and zero forces on the held-out frames.
 
-    python benchmarks/oc20_energy_frames.py [--models eqv2 escn] [--tag NAME -- fairchem overrides]
+    python benchmarks/oc20_energy_frames.py [--models eqv2 escn] [--tag NAME] [--energy-coefficient X]
+        [-- fairchem overrides]
 
 Writes ``benchmarks/results/oc20_energy_frames[_NAME].{md,json}``. About 5-10 minutes per model.
 """
@@ -21,6 +22,7 @@ Writes ``benchmarks/results/oc20_energy_frames[_NAME].{md,json}``. About 5-10 mi
 from __future__ import annotations
 
 import argparse
+import json
 import lzma
 import os
 import subprocess
@@ -79,9 +81,20 @@ def convert_frames(out: Path) -> Path:
     return lmdb_dir
 
 
-def train(model: str, lmdb_dir: Path, out: Path, extra: list[str]) -> dict:
+def train(model: str, lmdb_dir: Path, out: Path, extra: list[str],
+          energy_coefficient: float | None = None) -> dict:
     config = DATA["oc20"].config(model, "plain")
     run_dir = out / model
+    if energy_coefficient is not None:  # the config with only lambda_E changed
+        from fairchem.core.common.utils import load_config
+
+        losses = load_config(str(config))[0]["loss_functions"]
+        assert [next(iter(term)) for term in losses] == ["energy", "forces"], losses
+        losses[0]["energy"]["coefficient"] = energy_coefficient
+        run_dir.mkdir(parents=True, exist_ok=True)
+        wrapper = run_dir / "config.yml"
+        wrapper.write_text(f"includes:\n  - {config}\nloss_functions: {json.dumps(losses)}\n")
+        config = wrapper
     cmd = train_command(config, lmdb_dir, run_dir, model, 0, extra)
     start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
@@ -91,7 +104,8 @@ def train(model: str, lmdb_dir: Path, out: Path, extra: list[str]) -> dict:
     (run_dir / "train.log").write_text(log)
     if proc.returncode != 0:
         raise SystemExit(f"{model} failed (rc {proc.returncode}); see {run_dir / 'train.log'}")
-    return {"config": str(config.relative_to(REPO)), "curve": parse_val_metrics(log),
+    return {"config": str(DATA["oc20"].config(model, "plain").relative_to(REPO)),
+            "energy_coefficient": energy_coefficient, "curve": parse_val_metrics(log),
             "minutes": (time.time() - start) / 60}
 
 
@@ -105,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                         default=REPO / "runs" / "benchmarks" / "oc20_energy_frames")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--tag", default="", help="names this variant's runs and result files")
+    parser.add_argument("--energy-coefficient", type=float, default=None,
+                        help="lambda_E instead of the config's (the paper's OC20 value, 2)")
     parser.add_argument("overrides", nargs="*", help="fairchem overrides (after --)")
     args = parser.parse_args(argv)
     lmdb_dir = convert_frames(args.out)
@@ -112,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, runs = [], {}
     for model in args.models:
         runs[model] = result = train(model, lmdb_dir, args.out / (args.tag or "as_shipped"),
-                                     args.overrides)
+                                     args.overrides, args.energy_coefficient)
         last = result["curve"][-1]
         rows.append(f"| `{result['config']}` | {last['energy_mae']:.3f} | "
                     f"{last['energy_mae'] / baseline['energy_mae']:.2f} | "
@@ -121,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         print(rows[-1], flush=True)
     table = "\n".join([
         f"OC20 demo configs on held-out frames of their training relaxations (every {HOLD_OUT}th "
-        f"frame), seed 0{', overrides ' + ' '.join(args.overrides) if args.overrides else ''}; "
+        f"frame), seed 0{', overrides ' + ' '.join(args.overrides) if args.overrides else ''}"
+        f"{f', lambda_E {args.energy_coefficient:g}' if args.energy_coefficient else ''}; "
         f"mean predictor: energy MAE {baseline['energy_mae']:.3f} eV, zero forces "
         f"{baseline['forces_mae']:.4f} eV/Å", "",
         "| config (plain, as shipped) | val energy MAE (eV) | / mean predictor | val force MAE "
