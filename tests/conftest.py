@@ -183,25 +183,12 @@ def mlearn_si_lmdb(tmp_path_factory) -> Path:
 def demo_config(data_dir: Path, dens: dict | None, run_dir: Path, first_n: int | None = None,
                 model: str = "eqv2", **optim) -> dict:
     """The demo config of ``model`` (eqv2 or escn; plain when ``dens`` is None) as a dict with
-    data paths filled in, loaded through fairchem's own config loader (``includes`` resolved)."""
-    import shutil
-
-    from fairchem.core.common.utils import load_config
-
+    data paths filled in (:func:`config_on_lmdb`: a private copy of ``data_dir``, since lmdb
+    refuses to open one path twice in a process and earlier tests' trainers may hold theirs)."""
     name = f"{model}_dens_cpu.yml" if dens is not None else f"{model}_cpu.yml"
-    config, _, _ = load_config(str(REPO / "configs/oc20/s2ef/demo" / name))
-    # a private copy: lmdb refuses to open one path twice in a process, and trainers of earlier
-    # tests may still hold theirs
-    data_dir = Path(shutil.copytree(data_dir, Path(run_dir) / "data"))
-    train = config["dataset"]["train"]
-    train["src"] = str(data_dir / "train")
-    train["transforms"]["element_references"]["energy"]["file"] = str(
-        data_dir / "element_references.npz")
-    for key in ("energy", "forces"):
-        train["transforms"]["normalizer"][key]["file"] = str(data_dir / f"{key}_normalizer.npz")
-    config["dataset"]["val"]["src"] = str(data_dir / "val")
+    config = config_on_lmdb(f"oc20/s2ef/demo/{name}", data_dir, Path(run_dir))
     if first_n is not None:
-        train["first_n"] = first_n
+        config["dataset"]["train"]["first_n"] = first_n
         config["dataset"]["val"]["first_n"] = first_n
         # a few steps per epoch: warm up over a whole epoch (fairchem's cosine schedule
         # divides by int(warmup_epochs * steps_per_epoch))
@@ -209,7 +196,6 @@ def demo_config(data_dir: Path, dens: dict | None, run_dir: Path, first_n: int |
     if dens is not None:
         config["optim"]["dens"] = dict(dens)
     config["optim"].update(optim)
-    config["run_dir"] = str(run_dir)
     return config
 
 
