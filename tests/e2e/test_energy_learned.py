@@ -147,6 +147,26 @@ def test_every_shipped_config_family_is_checked() -> None:
         assert family_name(REPO / "configs" / family.config) == name
 
 
+def test_a_config_without_energy_weight_fails_the_check(si_cells, tmp_path) -> None:
+    """The check below discriminates: the mlearn EquiformerV2 family with its energy weight set
+    to 0 (forces, stress and references unchanged) does not get below LEARNED. (A conservative
+    family would not serve as this control: without an energy weight its forces still train
+    the energy's shape, and the mlearn eSEN reaches 0.59x the mean predictor in its budget
+    against 0.24x with the weight.)"""
+    from fairchem_dens.data.baselines import zero_output_errors
+
+    config = family_config(FAMILIES["mlearn_eqv2"], si_cells, tmp_path)
+    for term in config["loss_functions"]:
+        if "energy" in term:
+            term["energy"]["coefficient"] = 0
+    trainer = build_trainer(config)
+    trainer.train()
+    energy = trainer.validate("val", disable_tqdm=True)["energy_mae"]["metric"]
+    ratio = energy / zero_output_errors(si_cells, split="train")["energy_mae"]
+    print(f"mlearn_eqv2 without energy weight: energy {ratio:.3f} of the mean predictor")
+    assert ratio > LEARNED
+
+
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_config_family_learns_the_energy_of_real_structures(name: str, request,
                                                             tmp_path) -> None:
