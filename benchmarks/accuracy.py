@@ -86,12 +86,9 @@ BATCH_SIZE = {"oc20": 4, "md17": 8, "md17_sigma_e": 8, "md17_sigma_e_200": 8, "m
 #: 1 eV/A^3 in GPa: stress MAEs are reported in GPa (fairchem logs eV/A^3)
 EV_PER_A3_IN_GPA = 160.21766208
 #: Published mlearn test force MAEs (eV/A) of Zuo et al., J. Phys. Chem. A 124, 731 (2020), for
-#: context. TODO: not filled in — the numbers were not available to check here; copy them from
-#: the paper's force-MAE table (GAP, MTP, NNP, SNAP) rather than from memory.
-MLEARN_PUBLISHED_FORCE_MAE: dict[str, dict[str, float | None]] = {
-    "mlearn_si": {"GAP": None, "MTP": None, "NNP": None, "SNAP": None},
-    "mlearn_mo": {"GAP": None, "MTP": None, "NNP": None, "SNAP": None},
-}
+#: context, printed next to our results when known. Empty: the paper's table was not available to
+#: check here, and numbers from memory are not evidence. Add them as {"GAP": 0.xx, ...}.
+MLEARN_PUBLISHED_FORCE_MAE: dict[str, dict[str, float]] = {"mlearn_si": {}, "mlearn_mo": {}}
 #: Wall seconds per training step of one 1-thread run on the 2-core machine (minutes/run of the
 #: result tables over their steps, rounded up); sets the steps between checkpoints
 #: (CHECKPOINT_MINUTES apart). Only the checkpoint spacing depends on it, never the training.
@@ -357,7 +354,7 @@ def summarise(suite: Suite, results: dict[str, Result],
         published = MLEARN_PUBLISHED_FORCE_MAE.get(dataset)
         if published:
             lines.append("Published test force MAE (Zuo et al. 2020, eV/Å): " + ", ".join(
-                f"{k} {'TODO' if v is None else f'{v:.3f}'}" for k, v in published.items()) + "\n")
+                f"{k} {v:.3f}" for k, v in published.items()) + "\n")
         stress_head = " val stress MAE (GPa) | test stress MAE (GPa) |" if stress else ""
         lines += ["| variant | seeds | val force MAE (eV/Å) |" + stress_head + " val energy MAE "
                   "(eV) | force MAE ratio to baseline (per seed) | force cos | train force MAE | "
