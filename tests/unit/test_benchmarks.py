@@ -219,3 +219,51 @@ def test_md17_esen_pair_differs_from_the_eqv2_pair_only_in_the_network() -> None
     assert esen[0]["model"]["backbone"]["model"] == "esen_backbone"
     assert esen[0]["model"]["heads"] == {"efs": {"module": "esen_mlp_efs_head"}}  # -dE/dpos
     assert esen[1]["model"]["backbone"]["model"] == "fairchem_dens.models.esen.DeNSeSENBackbone"
+
+
+def test_oc20_energy_frames_holds_out_every_fifth_frame_of_training_relaxations(tmp_path) -> None:
+    """The within-distribution OC20 energy check: each training relaxation is split into its
+    kept frames (same sid) and every 5th frame (sid + offset, the validation systems); the
+    demo's own validation systems are left out; nothing is lost or duplicated."""
+    import lzma
+
+    import ase.io
+    import oc20_energy_frames as frames
+
+    from fairchem_dens.data import demo_data_dir
+    from fairchem_dens.demo import DATA
+
+    raw, val_sids = frames.frame_split(tmp_path)
+    sources = sorted(demo_data_dir("oc20").glob("random*.extxyz.xz"))
+    train_sids = [int(p.name.removeprefix("random").split(".")[0]) for p in sources]
+    train_sids = [s for s in train_sids if s not in DATA["oc20"].val_systems]
+    assert len(train_sids) == 12
+    assert val_sids == tuple(s + frames.VAL_SID_OFFSET for s in train_sids)
+    for sid, path in zip(train_sids, [p for p in sources if int(
+            p.name.removeprefix("random").split(".")[0]) in train_sids]):
+        with lzma.open(path, "rt") as handle:
+            energies = [a.get_potential_energy()
+                        for a in ase.io.read(handle, index=":", format="extxyz")]
+        kept = [a.get_potential_energy() for a in ase.io.read(raw / f"random{sid}.extxyz", ":")]
+        held = [a.get_potential_energy() for a in ase.io.read(
+            raw / f"random{sid + frames.VAL_SID_OFFSET}.extxyz", ":")]
+        assert held == energies[4::5]
+        assert kept == [e for i, e in enumerate(energies) if i % 5 != 4]
+    assert not any((raw / f"random{s}.extxyz").exists() for s in DATA["oc20"].val_systems)
+
+
+def test_oc20_energy_frames_esen_arm_carries_the_oc20_weights_to_the_common_scale() -> None:
+    """lambda_E of the conservative arm is the paper's 2 on E / sigma_E moved to eSEN's common
+    F_rms scale (2 F_rms / sigma_E with the frame split's fitted 0.734 and 1.234 eV), and energy
+    and forces share the forces normaliser (gradients of one energy)."""
+    import oc20_energy_frames as frames
+    from fairchem.core.common.utils import load_config
+
+    config = load_config(str(frames.BENCH_CONFIGS["esen"]))[0]
+    weights = {next(iter(t)): next(iter(t.values())) for t in config["loss_functions"]}
+    assert weights["forces"] == {"fn": "l2mae", "coefficient": 100}
+    assert weights["energy"]["coefficient"] == pytest.approx(2 * 0.734 / 1.234, abs=0.005)
+    normalizer = config["dataset"]["train"]["transforms"]["normalizer"]
+    assert normalizer["energy"]["file"].endswith("forces_normalizer.npz")
+    assert config["model"]["backbone"]["direct_forces"] is False
+    assert config["optim"]["max_epochs"] == 2 and config["optim"]["batch_size"] == 4
