@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{f', lambda_F {args.forces_coefficient:g}' if args.forces_coefficient is not None else ''}; "
         f"mean predictor: energy MAE {baseline['energy_mae']:.3f} eV, zero forces "
         f"{baseline['forces_mae']:.4f} eV/Å", "",
-        "| config (plain, as shipped) | val energy MAE (eV) | / mean predictor | val force MAE "
+        "| config (plain) | val energy MAE (eV) | / mean predictor | val force MAE "
         "(eV/Å) | / zero forces | minutes |", "|---|---|---|---|---|---|", *rows])
     print(table)
     write_results(args.results, "oc20_energy_frames" + (f"_{args.tag}" if args.tag else ""),
