@@ -48,6 +48,11 @@ HOLD_OUT = 5
 VAL_SID_OFFSET = 10_000_000
 
 
+def sid_of(path: Path) -> int:
+    """System id of a bundled relaxation file, ``random<sid>.extxyz[.xz]``."""
+    return int(path.name.removeprefix("random").split(".")[0])
+
+
 def frame_split(out: Path) -> tuple[Path, tuple[int, ...]]:
     """Write each training relaxation as two files (its kept and its held-out frames) and
     return the folder and the held-out files' sids."""
@@ -59,7 +64,7 @@ def frame_split(out: Path) -> tuple[Path, tuple[int, ...]]:
     raw.mkdir(parents=True, exist_ok=True)
     val_sids = []
     for path in sorted(demo_data_dir("oc20").glob("random*.extxyz.xz")):
-        sid = int(path.name.removeprefix("random").split(".")[0])
+        sid = sid_of(path)
         if sid in DATA["oc20"].val_systems:
             continue
         with lzma.open(path, "rt") as handle:

@@ -5,6 +5,7 @@ on epoch ends, and ratios are paired by seed. (The runs themselves are not execu
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -221,10 +222,20 @@ def test_md17_esen_pair_differs_from_the_eqv2_pair_only_in_the_network() -> None
     assert esen[1]["model"]["backbone"]["model"] == "fairchem_dens.models.esen.DeNSeSENBackbone"
 
 
-def test_oc20_energy_frames_holds_out_every_fifth_frame_of_training_relaxations(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def oc20_frames(tmp_path_factory) -> Path:
+    """The frame split of benchmarks/oc20_energy_frames.py, converted (~15 s)."""
+    import oc20_energy_frames as frames
+
+    return frames.convert_frames(tmp_path_factory.mktemp("oc20_frames"))
+
+
+def test_oc20_energy_frames_holds_out_every_fifth_frame_of_training_relaxations(
+        oc20_frames) -> None:
     """The within-distribution OC20 energy check: each training relaxation is split into its
-    kept frames (same sid) and every 5th frame (sid + offset, the validation systems); the
-    demo's own validation systems are left out; nothing is lost or duplicated."""
+    kept frames (same sid, training) and every 5th frame (sid + offset, validation); the demo's
+    own validation systems are left out; nothing is lost or duplicated."""
+    import json
     import lzma
 
     import ase.io
@@ -233,14 +244,13 @@ def test_oc20_energy_frames_holds_out_every_fifth_frame_of_training_relaxations(
     from fairchem_dens.data import demo_data_dir
     from fairchem_dens.demo import DATA
 
-    raw, val_sids = frames.frame_split(tmp_path)
-    sources = sorted(demo_data_dir("oc20").glob("random*.extxyz.xz"))
-    train_sids = [int(p.name.removeprefix("random").split(".")[0]) for p in sources]
-    train_sids = [s for s in train_sids if s not in DATA["oc20"].val_systems]
-    assert len(train_sids) == 12
-    assert val_sids == tuple(s + frames.VAL_SID_OFFSET for s in train_sids)
-    for sid, path in zip(train_sids, [p for p in sources if int(
-            p.name.removeprefix("random").split(".")[0]) in train_sids]):
+    raw = oc20_frames.parent / "extxyz"
+    sources = [p for p in sorted(demo_data_dir("oc20").glob("random*.extxyz.xz"))
+               if frames.sid_of(p) not in DATA["oc20"].val_systems]
+    assert len(sources) == 12
+    n_kept = n_held = 0
+    for path in sources:
+        sid = frames.sid_of(path)
         with lzma.open(path, "rt") as handle:
             energies = [a.get_potential_energy()
                         for a in ase.io.read(handle, index=":", format="extxyz")]
@@ -249,20 +259,28 @@ def test_oc20_energy_frames_holds_out_every_fifth_frame_of_training_relaxations(
             raw / f"random{sid + frames.VAL_SID_OFFSET}.extxyz", ":")]
         assert held == energies[4::5]
         assert kept == [e for i, e in enumerate(energies) if i % 5 != 4]
+        n_kept, n_held = n_kept + len(kept), n_held + len(held)
     assert not any((raw / f"random{s}.extxyz").exists() for s in DATA["oc20"].val_systems)
+    splits = json.loads((oc20_frames / "conversion.json").read_text())["splits"]
+    assert (splits["train"]["num_frames"], splits["val"]["num_frames"]) == (n_kept, n_held)
+    assert (n_kept, n_held) == (712, 175)
 
 
-def test_oc20_energy_frames_esen_arm_carries_the_oc20_weights_to_the_common_scale() -> None:
+def test_oc20_energy_frames_esen_arm_carries_the_oc20_weights_to_the_common_scale(
+        oc20_frames) -> None:
     """lambda_E of the conservative arm is the paper's 2 on E / sigma_E moved to eSEN's common
-    F_rms scale (2 F_rms / sigma_E with the frame split's fitted 0.734 and 1.234 eV), and energy
-    and forces share the forces normaliser (gradients of one energy)."""
+    F_rms scale, 2 F_rms / sigma_E with the frame split's own fitted normalisers; energy and
+    forces share the forces normaliser (gradients of one energy); the demo's length and batch."""
+    import numpy as np
     import oc20_energy_frames as frames
     from fairchem.core.common.utils import load_config
 
     config = load_config(str(frames.BENCH_CONFIGS["esen"]))[0]
     weights = {next(iter(t)): next(iter(t.values())) for t in config["loss_functions"]}
     assert weights["forces"] == {"fn": "l2mae", "coefficient": 100}
-    assert weights["energy"]["coefficient"] == pytest.approx(2 * 0.734 / 1.234, abs=0.005)
+    f_rms = float(np.load(oc20_frames / "forces_normalizer.npz")["rmsd"])
+    sigma_e = float(np.load(oc20_frames / "energy_normalizer.npz")["rmsd"])
+    assert weights["energy"]["coefficient"] == pytest.approx(2 * f_rms / sigma_e, abs=0.005)
     normalizer = config["dataset"]["train"]["transforms"]["normalizer"]
     assert normalizer["energy"]["file"].endswith("forces_normalizer.npz")
     assert config["model"]["backbone"]["direct_forces"] is False
