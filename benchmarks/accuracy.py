@@ -31,6 +31,8 @@ fixed item (force RMS normaliser, constant lambda, MAE loss, the OC shared denom
 with the plain run it is compared with. ``mlearn``: Si and Mo (periodic bulk; test split
 evaluated after training), 3 seeds. Both report whether the plain model's validation force MAE
 has plateaued (:func:`plateau`), the plain model's training force MAE and the zero-force floor.
+Every report also gives the time to accuracy (:func:`time_to_accuracy`): the step and wall time
+at which each DeNS run first reaches its plain run's best validation force MAE, as ratios.
 
 ``mlearn_stress`` (issue 17): mlearn Si and Mo converted with stress, trained on energy, forces
 and stress with the configs of ``configs/mlearn``: EquiformerV2 (stress from fairchem's
@@ -261,6 +263,24 @@ def plateau(values: list[float], tail: float = 0.25, tol: float = 0.01) -> tuple
     return gain < tol, gain
 
 
+def time_to_accuracy(baseline: Result, other: Result) -> dict[str, float | int | None]:
+    """How soon ``other`` first reaches ``baseline``'s best validation force MAE (eV/A), next to
+    the step at which ``baseline`` first reached it: ``step_ratio`` = other's step / baseline's
+    step, ``minutes_ratio`` the same in wall time, each run's minutes spread evenly over its
+    steps. ``step`` and both ratios are None when ``other`` never gets there."""
+    forces = [m["forces_mae"] for m in baseline.curve]
+    target = min(forces)
+    baseline_step = baseline.steps[forces.index(target)]
+    step = next((s for s, m in zip(other.steps, other.curve) if m["forces_mae"] <= target), None)
+    if step is None:
+        return {"target": target, "baseline_step": baseline_step, "step": None,
+                "step_ratio": None, "minutes_ratio": None}
+    minutes = other.minutes * step / other.steps[-1]
+    baseline_minutes = baseline.minutes * baseline_step / baseline.steps[-1]
+    return {"target": target, "baseline_step": baseline_step, "step": step,
+            "step_ratio": step / baseline_step, "minutes_ratio": minutes / baseline_minutes}
+
+
 def plan(suite: Suite, out: Path) -> tuple[list[Run], dict[str, datasets.Dataset]]:
     data = {name: datasets.DATASETS[name]() for name in suite.epochs}
     extra_data = {v.data for vs in (*suite.variants.values(), *suite.ablations.values())
@@ -363,6 +383,7 @@ def summarise(suite: Suite, results: dict[str, Result],
                   "(eV) | force MAE ratio to baseline (per seed) | force cos | train force MAE | "
                   "test force MAE | test energy MAE | minutes/run |",
                   "|---|---|---|" + ("---|---|" if stress else "") + "---|---|---|---|---|---|---|"]
+        reach_lines = []
         for v in variants:
             runs = {s: results[f"{dataset}/{v.name}/seed{s}"] for s in suite.seeds
                     if f"{dataset}/{v.name}/seed{s}" in results}
@@ -396,14 +417,36 @@ def summarise(suite: Suite, results: dict[str, Result],
                          f"{_spread(more['test_forces_mae']) if more['test_forces_mae'] else '—'} | "
                          f"{_spread(more['test_energy_mae']) if more['test_energy_mae'] else '—'} | "
                          f"{minutes:.1f} |")
+            reach = {s: time_to_accuracy(results[f"{dataset}/{v.baseline}/seed{s}"], r)
+                     for s, r in runs.items()
+                     if v.kind != "plain" and f"{dataset}/{v.baseline}/seed{s}" in results}
+            if reach:
+                reach_lines.append(_reach_line(v, reach))
             summary[f"{dataset}/{v.name}"] = {
+                **({"time_to_accuracy": {str(s): t for s, t in reach.items()}} if reach else {}),
                 "seeds": list(runs), "forces_mae": forces, "energy_mae": energy,
                 "forces_mae_ratio": ratios, "baseline": v.baseline,
                 "forces_cosine_similarity": cos, "minutes": minutes, "overrides": v.dens,
                 **({"stress_mae": stress_mae} if stress_mae else {}),
                 **more, **({"plateau": {str(s): list(f) for s, f in flags_of[v.name].items()}}
                            if v.name in flags_of else {})}
+        if reach_lines:
+            lines += ["", "Time to accuracy (validation force MAE, EMA weights; wall time "
+                      "assumes each run's minutes spread evenly over its steps):", *reach_lines]
     return "\n".join(lines), summary
+
+
+def _reach_line(variant: Variant, reach: dict[int, dict]) -> str:
+    """One markdown bullet: per seed, the step at which ``variant`` first reaches its
+    baseline's best validation force MAE, the baseline's step, and their ratios."""
+    def one(seed: int, t: dict) -> str:
+        if t["step"] is None:
+            return (f"seed {seed}: never reaches {t['target']:.4f} "
+                    f"({variant.baseline} at step {t['baseline_step']})")
+        return (f"seed {seed}: step {t['step']} vs {t['baseline_step']} "
+                f"(steps {t['step_ratio']:.2f}, wall time {t['minutes_ratio']:.2f})")
+    return (f"- {variant.name} reaches {variant.baseline}'s best: "
+            + "; ".join(one(s, t) for s, t in reach.items()))
 
 
 def last_train_forces_mae(run: Run) -> float | None:

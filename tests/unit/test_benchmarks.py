@@ -90,6 +90,32 @@ def test_plateau_criterion() -> None:
     assert not accuracy.plateau([1.0, 0.5, 0.4])[0]  # too few evaluations to tell
 
 
+def test_time_to_accuracy_is_the_first_step_at_the_baselines_best() -> None:
+    """Plain's best (0.50) first comes at step 40 of 50 (60 minutes in all: 48 min to get
+    there); DeNS first gets to <= 0.50 at step 20 of 50 (80 minutes: 32 min): steps 0.5, wall
+    time 32 / 48. A run that never gets there says so, with no ratio."""
+    def result(forces, minutes):
+        return Result("r", [10, 20, 30, 40, 50],
+                      [{"forces_mae": f, "energy_mae": 1.0} for f in forces], minutes, [])
+
+    plain = result([0.9, 0.7, 0.6, 0.5, 0.5], 60.0)
+    dens = result([0.8, 0.5, 0.45, 0.55, 0.4], 80.0)
+    assert accuracy.time_to_accuracy(plain, dens) == pytest.approx(
+        {"target": 0.5, "baseline_step": 40, "step": 20, "step_ratio": 0.5,
+         "minutes_ratio": 32 / 48})
+    never = accuracy.time_to_accuracy(plain, result([0.9, 0.8, 0.7, 0.6, 0.51], 60.0))
+    assert never["step"] is None and never["step_ratio"] is None
+
+    suite = accuracy.Suite("t", {"oc20": 1}, (0, 1), {"oc20": (accuracy.PLAIN, accuracy.DENS)})
+    results = {"oc20/plain/seed0": plain, "oc20/dens/seed0": dens,
+               "oc20/plain/seed1": plain, "oc20/dens/seed1": result([0.9] * 5, 60.0)}
+    table, summary = accuracy.summarise(suite, results)
+    assert summary["oc20/dens"]["time_to_accuracy"]["0"]["step"] == 20
+    assert "oc20/plain" in summary and "time_to_accuracy" not in summary["oc20/plain"]
+    assert ("- dens reaches plain's best: seed 0: step 20 vs 40 (steps 0.50, wall time 0.67); "
+            "seed 1: never reaches 0.5000 (plain at step 40)") in table
+
+
 def test_smoke_shrinks_a_suite_to_one_tiny_run_per_variant() -> None:
     tiny = accuracy.smoke(accuracy.SUITES["faithful"])
     assert tiny.name == "faithful_smoke" and tiny.seeds == (0,)
